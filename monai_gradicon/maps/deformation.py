@@ -1,0 +1,89 @@
+"""A deformation as a composition of displacement fields, evaluable at any point.
+
+The multistep network of the paper (Eq. 6) outputs ``Φ = Φ^{A_P B_P} ∘ ... ∘ Φ^{A_0 B_0}``, each
+``Φ^{A_i B_i} = Id + u_i`` with ``u_i`` a displacement field at its own resolution. GradICON (Eq. 2)
+needs ``Φ_AB ∘ Φ_BA`` at randomly perturbed points, so a deformation has to be evaluated off the grid
+*as the composition*, not by interpolating one resampled field. :class:`Deformation` keeps the fields
+and evaluates them one after another, exactly as the reference implementation does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .grid import _voxel_scale, identity_grid, sample
+
+__all__ = ["Deformation"]
+
+
+class Deformation:
+    """``Φ(x) = Φ_n(... Φ_2(Φ_1(x)))`` with ``Φ_k(x) = x + interpolate(u_k, x)`` in [0, 1] coordinates.
+
+    Args:
+        fields: displacement fields ``u_k`` of shape ``(B, D, *S_k)`` in [0, 1] units, in the order
+            they are applied (``fields[0]`` acts first on the input points). Each may have its own
+            resolution; batch sizes must agree or be 1.
+        spatial_shape: the grid of the images this deformation registers (where :meth:`map` and
+            :meth:`ddf` sample it by default); defaults to the shape of ``fields[0]``.
+    """
+
+    def __init__(self, fields: Sequence[torch.Tensor], spatial_shape: Sequence[int] | None = None):
+        if len(fields) == 0:
+            raise ValueError("a Deformation needs at least one displacement field, got none.")
+        dims = {f.shape[1] for f in fields} | {f.ndim - 2 for f in fields}
+        if len(dims) != 1:
+            raise ValueError(f"all fields must be (B, D, *spatial) with D spatial axes, got {[tuple(f.shape) for f in fields]}.")
+        self.fields = list(fields)
+        self.spatial_shape = tuple(int(n) for n in (spatial_shape or fields[0].shape[2:]))
+        if len(self.spatial_shape) != fields[0].shape[1]:
+            raise ValueError(f"spatial_shape must have {fields[0].shape[1]} entries, got {self.spatial_shape}.")
+
+    @classmethod
+    def from_ddf(cls, ddf: torch.Tensor) -> "Deformation":
+        """Wrap a MONAI DDF (voxel units) as a one-field deformation."""
+        return cls([ddf / _voxel_scale(ddf.shape[2:], ddf)])
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.fields[0].shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return max(f.shape[0] for f in self.fields)
+
+    def __call__(self, coords: torch.Tensor, is_identity: bool = False) -> torch.Tensor:
+        """Map points ``coords`` ``(B', D, *S')`` in [0, 1] coordinates to ``Φ(coords)``.
+
+        ``is_identity=True`` says that ``coords`` is the identity grid of the first field's
+        resolution: if the shapes (batch included) agree, the first field is then added without
+        interpolation. This mirrors the reference's shortcut; both paths agree to float rounding.
+        """
+        out = coords
+        for k, field in enumerate(self.fields):
+            if k == 0 and is_identity and coords.shape == field.shape:
+                out = out + field
+            else:
+                out = out + sample(field, out)
+        return out
+
+    def compose(self, inner: "Deformation") -> "Deformation":
+        """``self ∘ inner``: ``inner`` acts first; the result keeps ``inner``'s grid."""
+        return Deformation(inner.fields + self.fields, inner.spatial_shape)
+
+    def map(self, spatial_shape: Sequence[int] | None = None) -> torch.Tensor:
+        """``Φ(id)`` on the identity grid of ``spatial_shape`` (default: :attr:`spatial_shape`): ``(B', D, *shape)``."""
+        ref = self.fields[0]
+        grid = identity_grid(spatial_shape or self.spatial_shape, ref.dtype, ref.device)
+        return self(grid, is_identity=True)
+
+    def ddf(self, spatial_shape: Sequence[int] | None = None) -> torch.Tensor:
+        """MONAI DDF (voxel units) of ``Φ`` on the grid of ``spatial_shape`` (default: :attr:`spatial_shape`)."""
+        spatial_shape = tuple(spatial_shape or self.spatial_shape)
+        ref = self.fields[0]
+        grid = identity_grid(spatial_shape, ref.dtype, ref.device)
+        phi = self(grid, is_identity=True)
+        if phi.shape[0] != self.batch_size:
+            phi = phi.expand(self.batch_size, *phi.shape[1:])
+        return (phi - grid) * _voxel_scale(spatial_shape, phi)

@@ -1,0 +1,97 @@
+"""Identity grids, interpolation at arbitrary points, and the DDF <-> [0, 1] map conversion.
+
+Two ways of writing the same deformation are used in this package:
+
+* a MONAI **DDF** ``(B, D, *spatial)`` in voxel units, channel ``i`` along spatial axis ``i``,
+  ``align_corners=True``; ``monai.networks.blocks.Warp()(moving, ddf_AB) ≈ fixed``;
+* a **map** ``Φ(x)`` in normalised coordinates where the first and last voxel of every axis sit at
+  0 and 1 (the coordinates of the GradICON paper, Sec. 3, and of its reference implementation).
+
+They convert per axis as ``ddf_i = (Φ_i(id) - id_i) * (N_i - 1)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["identity_grid", "sample", "ddf_to_map", "map_to_ddf", "warp"]
+
+
+def identity_grid(
+    spatial_shape: Sequence[int], dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Identity map ``id`` of shape ``(1, D, *spatial_shape)`` in [0, 1] coordinates.
+
+    Channel ``k`` holds ``index_k / (N_k - 1)``. The values are rounded to float32 before the cast to
+    ``dtype`` (as the reference does), so float64 results mirror the reference bit for bit.
+
+    Args:
+        spatial_shape: ``(N_0, ..., N_{D-1})``, every ``N_k >= 2``.
+        dtype: dtype of the returned tensor.
+        device: device of the returned tensor.
+    """
+    shape = [int(s) for s in spatial_shape]
+    if any(s < 2 for s in shape):
+        raise ValueError(f"identity_grid needs every spatial size >= 2, got {tuple(shape)}.")
+    axes = [(torch.arange(n, dtype=torch.float64) * (1.0 / (n - 1))).to(torch.float32) for n in shape]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
+    return grid[None].to(device=device, dtype=dtype)
+
+
+def sample(
+    field: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border"
+) -> torch.Tensor:
+    """Interpolate ``field`` ``(B, C, *S)`` at the points ``coords`` ``(B', D, *S')`` given in [0, 1] coordinates.
+
+    ``align_corners=True`` and border padding: a point outside the image takes the value of the
+    nearest border voxel. A batch of 1 on either side is broadcast to the other's batch.
+
+    Returns:
+        ``(max(B, B'), C, *S')``.
+    """
+    batch = max(field.shape[0], coords.shape[0])
+    if field.shape[0] != batch:
+        field = field.expand(batch, *field.shape[1:])
+    if coords.shape[0] != batch:
+        coords = coords.expand(batch, *coords.shape[1:])
+    # grid_sample wants (B, *S', D) in [-1, 1] with the last spatial axis first.
+    grid = (coords * 2.0 - 1.0).flip(1).movedim(1, -1)
+    if mode == "nearest":
+        return F.grid_sample(field, grid, mode="nearest", padding_mode=padding_mode, align_corners=True)
+    if mode not in ("bilinear", "linear", "trilinear"):
+        raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}.")
+    return F.grid_sample(field, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+
+
+def _voxel_scale(spatial_shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """``(1, D, 1, ..., 1)`` tensor of ``N_k - 1``."""
+    scale = torch.tensor([s - 1 for s in spatial_shape], dtype=like.dtype, device=like.device)
+    return scale.reshape(1, -1, *([1] * len(spatial_shape)))
+
+
+def ddf_to_map(ddf: torch.Tensor) -> torch.Tensor:
+    """MONAI DDF (voxel units) -> map ``Φ(id)`` in [0, 1] coordinates, same shape."""
+    shape = ddf.shape[2:]
+    return identity_grid(shape, ddf.dtype, ddf.device) + ddf / _voxel_scale(shape, ddf)
+
+
+def map_to_ddf(phi: torch.Tensor) -> torch.Tensor:
+    """Map ``Φ(id)`` in [0, 1] coordinates -> MONAI DDF in voxel units, same shape."""
+    shape = phi.shape[2:]
+    return (phi - identity_grid(shape, phi.dtype, phi.device)) * _voxel_scale(shape, phi)
+
+
+def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Pull ``image`` back through ``ddf``: ``out(x) = image(x + ddf(x))`` with border padding.
+
+    Equal to ``monai.networks.blocks.Warp(mode, padding_mode="border")``; use ``mode="nearest"`` for
+    label maps (no new label values are created).
+    """
+    if image.shape[2:] != ddf.shape[2:]:
+        raise ValueError(
+            f"image and ddf must share the spatial shape, got image {tuple(image.shape)} and ddf {tuple(ddf.shape)}."
+        )
+    return sample(image, ddf_to_map(ddf), mode=mode)

@@ -1,0 +1,94 @@
+"""The P-step multiscale GradICON network of paper Eq. 6, and its reference layouts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..maps import Deformation
+from ..validation import check_image_pair, check_spatial_dims
+from .steps import CompositionStep, DisplacementStep, DownsampleStep, step_min_size
+from .unet import GradICONUNet
+
+__all__ = ["MultiStepRegistrationNet", "multistep_network", "four_step_network"]
+
+
+class MultiStepRegistrationNet(nn.Module):
+    """A registration network ``forward(moving, fixed) -> ddf`` made of GradICON steps.
+
+    The returned DDF is in MONAI's convention (voxel units, channel ``i`` along spatial axis ``i``,
+    ``align_corners=True``): ``monai.networks.blocks.Warp(padding_mode="border")(moving, ddf) ≈ fixed``.
+    :meth:`deformation` returns the exact composed map instead, which the GradICON loss evaluates
+    off the grid.
+
+    Args:
+        step: the root step (see :mod:`monai_gradicon.networks.steps`).
+        spatial_dims: 2 or 3.
+        in_channels: channels of each input image.
+    """
+
+    def __init__(self, step: nn.Module, spatial_dims: int, in_channels: int = 1) -> None:
+        super().__init__()
+        self.spatial_dims = check_spatial_dims(spatial_dims)
+        self.in_channels = in_channels
+        self.step = step
+        self.min_size = step_min_size(step)
+
+    def deformation(self, moving: torch.Tensor, fixed: torch.Tensor) -> Deformation:
+        """``Φ_AB`` for ``A = moving``, ``B = fixed`` as a :class:`~monai_gradicon.maps.Deformation`."""
+        check_image_pair(moving, fixed, self.spatial_dims, self.in_channels, self.min_size)
+        phi = self.step(moving, fixed)
+        return Deformation(phi.fields, moving.shape[2:])
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """DDF ``(B, D, *spatial)`` in voxel units such that ``moving ∘ (id + ddf) ≈ fixed``."""
+        return self.deformation(moving, fixed).ddf()
+
+
+def multistep_network(
+    spatial_dims: int,
+    levels: Sequence[int] = (2, 1, 0, 0),
+    in_channels: int = 1,
+    subnetwork: Callable[[], nn.Module] | None = None,
+) -> MultiStepRegistrationNet:
+    """Build the P-step network of Eq. 6: ``P = len(levels)`` sub-networks, coarse to fine.
+
+    ``levels[s]`` is how many times the images are halved for sub-network ``s``; it must not
+    increase. ``(0,)`` is a single U-Net; ``(1, 0)`` two steps at half and full resolution;
+    ``(3, 2, 1, 0)`` the doubling chain of the paper's toy experiments (Sec. A.1.1); ``(2, 1, 0, 0)``
+    the knee/lung layout (quarter, half, full, full; Sec. A.2, A.3), whose weights load from the
+    reference with :func:`~monai_gradicon.networks.load_reference_weights`.
+
+    Args:
+        spatial_dims: 2 or 3.
+        levels: halvings per step, coarse to fine.
+        in_channels: channels of each input image.
+        subnetwork: factory for each step's network ``(moving, fixed) -> displacement in [0, 1] units``;
+            default :class:`GradICONUNet` (the reference ``tallUNet2``).
+    """
+    check_spatial_dims(spatial_dims)
+    levels = [int(v) for v in levels]
+    if not levels or min(levels) < 0 or any(b > a for a, b in zip(levels, levels[1:])):
+        raise ValueError(f"levels must be a non-empty, non-increasing sequence of integers >= 0, got {levels}.")
+    make = subnetwork or (lambda: GradICONUNet(spatial_dims, in_channels))
+
+    def downsampled(step: nn.Module, times: int) -> nn.Module:
+        for _ in range(times):
+            step = DownsampleStep(step, spatial_dims)
+        return step
+
+    root: nn.Module = DisplacementStep(make())
+    for previous, level in zip(levels, levels[1:]):
+        root = CompositionStep(downsampled(root, previous - level), DisplacementStep(make()))
+    return MultiStepRegistrationNet(downsampled(root, levels[-1]), spatial_dims, in_channels)
+
+
+def four_step_network(spatial_dims: int = 3, include_last_step: bool = True) -> MultiStepRegistrationNet:
+    """The layout of the released knee (Sec. A.2), lung (Sec. A.3), brain and uniGradICON models.
+
+    Quarter-, half- and full-resolution U-Nets, plus a second full-resolution U-Net when
+    ``include_last_step`` (the 3-step net is the first training stage of the reference recipe).
+    """
+    return multistep_network(spatial_dims, (2, 1, 0, 0) if include_last_step else (2, 1, 0))

@@ -1,0 +1,26 @@
+"""monai-gradicon: GradICON deep image registration as MONAI components, networks and bundles."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="monai-gradicon",
+    version="0.1.0",
+    description="GradICON (gradient inverse consistency) deep image registration, native to MONAI",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["monai_gradicon", "monai_gradicon.*"]),
+    python_requires=">=3.9",
+    # install torch first (README pins the CPU build); this range is then already satisfied.
+    install_requires=[
+        "torch>=2.1",
+        "monai>=1.3",
+        "nibabel",
+        "pytorch-ignite>=0.4.11",
+        "fire",
+        "pyyaml",
+        "numpy",
+        "matplotlib",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest"]},
+)
