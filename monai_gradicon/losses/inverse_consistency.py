@@ -148,10 +148,11 @@ class GradICONLoss(_InverseConsistencyBase):
             x = x[(slice(None), slice(None)) + (slice(None, None, 2),) * self.spatial_dims]
         d = self.spatial_dims
         # one evaluation of Φ_AB∘Φ_BA for x and its D shifted copies, stacked along the last axis
+        # x and its D shifted copies side by side along the last axis: one evaluation of Φ_AB∘Φ_BA for all
         step = torch.tensor(self.delta, dtype=torch.float32, device=x.device)
-        offsets = torch.zeros((d + 1, d), dtype=torch.float32, device=x.device)
-        offsets[1:] = torch.eye(d, device=x.device) * step
-        points = torch.cat([x + offsets[k].reshape(1, d, *([1] * d)) for k in range(d + 1)], dim=-1)
+        points = x.repeat(1, 1, *([1] * (d - 1)), d + 1)
+        for k, copy in enumerate(points.chunk(d + 1, dim=-1)[1:]):
+            copy[:, k] += step  # x + δ e_k, rounded as the reference rounds it
         error = points - ab(ba(points))
         errors = error.chunk(d + 1, dim=-1)
         per_sample = sum(_per_sample_mean(((errors[0] - errors[k + 1]) / self.delta) ** 2) for k in range(d))

@@ -32,7 +32,7 @@ class Deformation:
     def __init__(self, fields: Sequence[torch.Tensor], spatial_shape: Sequence[int] | None = None):
         if len(fields) == 0:
             raise ValueError("a Deformation needs at least one displacement field, got none.")
-        dims = {f.shape[1] for f in fields} | {f.ndim - 2 for f in fields}
+        dims = {int(f.shape[1]) for f in fields} | {f.ndim - 2 for f in fields}  # int(): traced shapes are tensors
         if len(dims) != 1:
             raise ValueError(f"all fields must be (B, D, *spatial) with D spatial axes, got {[tuple(f.shape) for f in fields]}.")
         self.fields = list(fields)
@@ -60,12 +60,14 @@ class Deformation:
         resolution: if the shapes (batch included) agree, the first field is then added without
         interpolation. This mirrors the reference's shortcut; both paths agree to float rounding.
         """
+        accumulate_in_place = not torch.is_grad_enabled()  # no autograd graph: reuse one buffer
         out = coords
         for k, field in enumerate(self.fields):
-            if k == 0 and is_identity and coords.shape == field.shape:
-                out = out + field
+            step = field if k == 0 and is_identity and coords.shape == field.shape else sample(field, out)
+            if accumulate_in_place and out is not coords and out.shape == step.shape:
+                out.add_(step)
             else:
-                out = out + sample(field, out)
+                out = out + step
         return out
 
     def compose(self, inner: "Deformation") -> "Deformation":
@@ -86,4 +88,7 @@ class Deformation:
         phi = self(grid, is_identity=True)
         if phi.shape[0] != self.batch_size:
             phi = phi.expand(self.batch_size, *phi.shape[1:])
-        return (phi - grid) * _voxel_scale(spatial_shape, phi)
+        scale = _voxel_scale(spatial_shape, phi)
+        if not torch.is_grad_enabled() and phi is not grid and phi.shape[0] == self.fields[0].shape[0] == self.batch_size:
+            return phi.sub_(grid).mul_(scale)  # phi is our own fresh buffer
+        return (phi - grid) * scale

@@ -57,8 +57,8 @@ def sample(
         field = field.expand(batch, *field.shape[1:])
     if coords.shape[0] != batch:
         coords = coords.expand(batch, *coords.shape[1:])
-    # grid_sample wants (B, *S', D) in [-1, 1] with the last spatial axis first.
-    grid = (coords * 2.0 - 1.0).flip(1).movedim(1, -1)
+    # grid_sample wants (B, *S', D) in [-1, 1] with the last spatial axis first; flip() makes the one copy.
+    grid = coords.movedim(1, -1).flip(-1).mul_(2.0).sub_(1.0)
     if mode == "nearest":
         return F.grid_sample(field, grid, mode="nearest", padding_mode=padding_mode, align_corners=True)
     if mode not in ("bilinear", "linear", "trilinear"):
