@@ -1,0 +1,147 @@
+"""Ignite handlers for GradICON training: loss components, self-adaptive NCC weights, pictures.
+
+* :class:`GradICONTermsHandler` copies every component of the last objective evaluation
+  (``similarity``, ``regularizer``, ``transform_magnitude``, ``folds`` and the self-adaptive NCC
+  weights ``gamma_1..gamma_Q`` of Eq. 7/8) into ``engine.state.output`` each iteration, and their epoch
+  means into ``engine.state.metrics``, where MONAI's ``StatsHandler`` / ``TensorBoardStatsHandler``
+  (and MLflow) log them without any glue. :func:`training_log_values` is the matching
+  ``output_transform``.
+* :class:`RegistrationImageHandler` renders warped moving, fixed, checkerboard and deformed grid
+  (:func:`monai_gradicon.visualize.overview_image`) and writes it to TensorBoard when ``tensorboard`` is
+  installed, and/or as a PNG file.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from monai.utils import optional_import
+
+from ..maps import Deformation, warp
+from ..visualize import overview_image, save_overview_png
+from .two_direction import GradICONTrainingLoss
+
+Events, _ = optional_import("ignite.engine", name="Events")
+
+__all__ = ["GradICONTermsHandler", "RegistrationImageHandler", "training_log_values"]
+
+
+def training_log_values(output: Any) -> dict[str, float]:
+    """``output_transform`` for ``StatsHandler``: the loss and every scalar GradICON component.
+
+    Args:
+        output: ``engine.state.output`` of a ``SupervisedTrainer`` built with ``decollate=False`` and a
+            :class:`GradICONTermsHandler` attached.
+
+    Returns:
+        ``{"loss": ..., "similarity": ..., "regularizer": ..., "folds": ..., "gamma_q": ...}``.
+    """
+    if not isinstance(output, dict):
+        raise ValueError(
+            f"training_log_values expects the trainer output dict (build SupervisedTrainer with decollate=False), got {type(output).__name__}."
+        )
+    values = {"loss": float(torch.as_tensor(output["loss"]).detach().mean())} if "loss" in output else {}
+    values.update({k: float(v) for k, v in output.items() if isinstance(v, float)})
+    return values
+
+
+class GradICONTermsHandler:
+    """Expose the components of :class:`~monai_gradicon.engines.GradICONTrainingLoss` to MONAI logging.
+
+    Args:
+        loss_function: the trainer's loss.
+        metric_prefix: prefix of the epoch means in ``engine.state.metrics`` (default ``"train_"``).
+    """
+
+    def __init__(self, loss_function: GradICONTrainingLoss, metric_prefix: str = "train_") -> None:
+        if not isinstance(loss_function, GradICONTrainingLoss):
+            raise ValueError(f"loss_function must be a GradICONTrainingLoss, got {type(loss_function).__name__}.")
+        self.loss_function = loss_function
+        self.metric_prefix = metric_prefix
+        self._sums: dict[str, float] = {}
+        self._count = 0
+
+    def attach(self, engine: Any) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
+
+    def _reset(self, engine: Any) -> None:
+        self._sums, self._count = {}, 0
+
+    def _iteration(self, engine: Any) -> None:
+        values = self.loss_function.log_values()
+        if isinstance(engine.state.output, dict):
+            engine.state.output.update(values)
+        for k, v in values.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+        self._count += 1
+
+    def _epoch(self, engine: Any) -> None:
+        for k, v in self._sums.items():
+            engine.state.metrics[f"{self.metric_prefix}{k}"] = v / max(self._count, 1)
+
+
+class RegistrationImageHandler:
+    """Picture of the registration of the last training batch: fixed | moving | warped | checkerboard | grid.
+
+    Args:
+        log_dir: TensorBoard log directory and folder of the PNG files.
+        interval: every ``interval`` epochs.
+        summary_writer: an existing ``SummaryWriter``; default: one is created in ``log_dir`` if
+            ``tensorboard`` is importable, else only PNGs are written.
+        save_png: also write ``<log_dir>/registration_epoch<N>.png``.
+        tag: TensorBoard image tag.
+    """
+
+    def __init__(
+        self,
+        log_dir: str = "./runs",
+        interval: int = 1,
+        summary_writer: Any = None,
+        save_png: bool = True,
+        tag: str = "registration",
+    ) -> None:
+        if interval < 1:
+            raise ValueError(f"interval must be >= 1, got {interval}.")
+        self.log_dir = str(log_dir)
+        self.interval = int(interval)
+        self.save_png = bool(save_png)
+        self.tag = tag
+        self._writer = summary_writer
+        if self._writer is None:
+            writer_cls, has_tb = optional_import("torch.utils.tensorboard", name="SummaryWriter")
+            if has_tb and optional_import("tensorboard")[1]:
+                self._writer = writer_cls(log_dir=self.log_dir)
+        self.last_png: str | None = None
+
+    def attach(self, engine: Any) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    def __call__(self, engine: Any) -> None:
+        output = engine.state.output
+        pred = output.get("pred") if isinstance(output, dict) else None
+        if not isinstance(pred, dict) or "phi_AB" not in pred:
+            raise ValueError(
+                "RegistrationImageHandler needs the trainer output of BidirectionalRegistration "
+                "(SupervisedTrainer with decollate=False)."
+            )
+        with torch.no_grad():
+            phi = pred["phi_AB"]
+            ddf = phi.ddf() if isinstance(phi, Deformation) else phi
+            moving, fixed = pred["moving"][:1].detach(), pred["fixed"][:1].detach()
+            ddf = ddf[:1].detach()
+            warped = warp(moving, ddf)
+        epoch = engine.state.epoch
+        if self._writer is not None:
+            picture = overview_image(moving[0], fixed[0], warped[0], ddf[0])
+            self._writer.add_image(self.tag, torch.from_numpy(picture)[None], epoch, dataformats="CHW")
+            self._writer.flush()
+        if self.save_png:
+            os.makedirs(self.log_dir, exist_ok=True)
+            self.last_png = save_overview_png(
+                os.path.join(self.log_dir, f"registration_epoch{epoch}.png"),
+                moving[0], fixed[0], warped[0], ddf[0], title=f"training batch, epoch {epoch}",
+            )

@@ -1,0 +1,169 @@
+"""Pictures of a registration: checkerboards, deformed grids, and a one-file PNG overview.
+
+Everything here works on 2D slices (``(H, W)`` arrays or tensors); 3D volumes are shown by their
+middle slice along the first spatial axis (:func:`middle_slice`). The functions return numpy arrays
+in [0, 1] so that they can go to matplotlib, TensorBoard (``add_image``) or a PNG file alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["middle_slice", "normalize_intensity", "checkerboard", "grid_image", "overview_image", "save_overview_png"]
+
+
+def _to_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().float().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def middle_slice(volume: torch.Tensor | np.ndarray, spatial_dims: int | None = None) -> np.ndarray:
+    """A 2D picture of an image or DDF given without batch axis.
+
+    Args:
+        volume: ``(C, H, W)``, ``(C, H, W, D)`` or plain ``(H, W)``.
+        spatial_dims: 2 or 3; default: ``volume.ndim - 1`` for 3D/4D input, 2 for a plain 2D array.
+
+    Returns:
+        ``(C, H, W)`` (the middle slice along the last spatial axis in 3D; for a 3-channel DDF the
+        channel of that axis is dropped, keeping the in-plane displacement) or ``(H, W)``.
+    """
+    array = _to_numpy(volume)
+    if array.ndim == 2:
+        return array
+    dims = spatial_dims if spatial_dims is not None else array.ndim - 1
+    if dims not in (2, 3) or array.ndim != dims + 1:
+        raise ValueError(f"expected a (C, *spatial) array with 2 or 3 spatial axes, got shape {array.shape}.")
+    if dims == 2:
+        return array
+    sliced = array[..., array.shape[-1] // 2]
+    if sliced.shape[0] == 3:  # a DDF: keep the two in-plane components
+        sliced = sliced[:2]
+    return sliced
+
+
+def normalize_intensity(image: np.ndarray) -> np.ndarray:
+    """Scale ``image`` linearly to [0, 1] (a constant image becomes zeros)."""
+    low, high = float(np.min(image)), float(np.max(image))
+    return np.zeros_like(image) if high - low < 1e-12 else (image - low) / (high - low)
+
+
+def checkerboard(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, tiles: int = 8) -> np.ndarray:
+    """Interleave two same-shape 2D images in a ``tiles × tiles`` checkerboard.
+
+    Args:
+        a: ``(H, W)`` image shown on the "white" tiles.
+        b: ``(H, W)`` image shown on the "black" tiles.
+        tiles: number of tiles along each axis (>= 1).
+
+    Returns:
+        ``(H, W)`` array.
+    """
+    a, b = _to_numpy(a), _to_numpy(b)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"checkerboard needs two 2D images of the same shape, got {a.shape} and {b.shape}.")
+    if tiles < 1:
+        raise ValueError(f"tiles must be >= 1, got {tiles}.")
+    rows = (np.arange(a.shape[0]) * tiles // a.shape[0])[:, None]
+    cols = (np.arange(a.shape[1]) * tiles // a.shape[1])[None, :]
+    return np.where((rows + cols) % 2 == 0, a, b)
+
+
+def grid_image(ddf: np.ndarray | torch.Tensor, spacing: int = 8, thickness: float = 2.0) -> np.ndarray:
+    """Render the deformation of a regular grid by a 2D DDF (MONAI convention, voxel units).
+
+    The picture is the fixed-image grid: pixel ``x`` is dark when the point ``x + ddf(x)`` it is mapped
+    to lies on a grid line of the moving image, so the lines show how the moving grid looks after
+    warping (``Warp()(grid, ddf)``).
+
+    Args:
+        ddf: ``(2, H, W)`` displacement in voxels (channel i along axis i).
+        spacing: grid line spacing in pixels.
+        thickness: line thickness in pixels (a pixel is on a line when its mapped point is closer
+            than ``thickness / 2`` to it).
+
+    Returns:
+        ``(H, W)`` array in [0, 1] (1 = background, 0 = line).
+    """
+    d = _to_numpy(ddf)
+    if d.ndim != 3 or d.shape[0] != 2:
+        raise ValueError(f"grid_image needs a 2D DDF of shape (2, H, W), got {d.shape}.")
+    if spacing < 2 or thickness <= 0:
+        raise ValueError(f"spacing must be >= 2 and thickness >= 1, got {spacing} and {thickness}.")
+    rows, cols = np.meshgrid(np.arange(d.shape[1]), np.arange(d.shape[2]), indexing="ij")
+    pr, pc = rows + d[0], cols + d[1]
+    half = spacing / 2.0
+    distance_r = np.abs(np.mod(pr + half, spacing) - half)  # distance to the nearest grid line
+    distance_c = np.abs(np.mod(pc + half, spacing) - half)
+    on_line = (distance_r < thickness / 2.0) | (distance_c < thickness / 2.0)
+    return np.where(on_line, 0.0, 1.0).astype(np.float32)
+
+
+def overview_image(
+    moving: np.ndarray | torch.Tensor,
+    fixed: np.ndarray | torch.Tensor,
+    warped: np.ndarray | torch.Tensor,
+    ddf: np.ndarray | torch.Tensor,
+    tiles: int = 8,
+) -> np.ndarray:
+    """One grey picture ``(H, 5W)``: fixed | moving | warped moving | checkerboard(warped, fixed) | grid.
+
+    Args:
+        moving, fixed, warped: ``(C, *spatial)`` or ``(H, W)`` images (3D: middle slice).
+        ddf: ``(D, *spatial)`` DDF of ``warped = Warp()(moving, ddf)``.
+        tiles: checkerboard tiles per axis.
+
+    Returns:
+        ``(H, 5W)`` array in [0, 1].
+    """
+    panels = []
+    for image in (fixed, moving, warped):
+        sliced = middle_slice(image)
+        panels.append(normalize_intensity(sliced[0] if sliced.ndim == 3 else sliced))
+    panels.append(checkerboard(panels[2], panels[0], tiles))
+    flow = middle_slice(ddf)
+    panels.append(grid_image(flow, spacing=max(4, min(flow.shape[1:]) // 8)))
+    return np.concatenate(panels, axis=1)
+
+
+def save_overview_png(
+    path: str,
+    moving: np.ndarray | torch.Tensor,
+    fixed: np.ndarray | torch.Tensor,
+    warped: np.ndarray | torch.Tensor,
+    ddf: np.ndarray | torch.Tensor,
+    title: str | None = None,
+    tiles: int = 8,
+) -> str:
+    """Write :func:`overview_image` as a labelled PNG with matplotlib (Agg backend); returns ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picture = overview_image(moving, fixed, warped, ddf, tiles)
+    width = picture.shape[1] // 5
+    labels: Sequence[str] = ("fixed", "moving", "warped moving", "checkerboard warped/fixed", "deformed grid")
+    fig, axes = plt.subplots(1, 5, figsize=(15, 3.4))
+    for k, axis in enumerate(axes[:4]):
+        axis.imshow(picture[:, k * width : (k + 1) * width], cmap="gray", vmin=0, vmax=1)
+    # deformed grid as contour lines of the map x + ddf(x) (smooth at any deformation)
+    flow = middle_slice(ddf)
+    rows, cols = np.meshgrid(np.arange(flow.shape[1]), np.arange(flow.shape[2]), indexing="ij")
+    spacing = max(4, min(flow.shape[1:]) // 8)
+    axes[4].imshow(np.ones(flow.shape[1:]), cmap="gray", vmin=0, vmax=1)
+    for component in (rows + flow[0], cols + flow[1]):
+        axes[4].contour(component, levels=np.arange(0, max(flow.shape[1:]) + spacing, spacing), colors="k", linewidths=0.8)
+    for k, axis in enumerate(axes):
+        axis.set_title(labels[k], fontsize=9)
+        axis.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,332 @@
+"""The three bundles run through ``python -m monai.bundle`` end to end (tiny shapes, few iterations).
+
+Every ``run`` is a real subprocess; data are either generated on the fly (synthetic phantoms) or real
+NIfTI files written here and listed in a datalist JSON.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLES = os.path.join(REPO, "bundles")
+SCHEMA = os.path.join(BUNDLES, "schema", "meta_schema_20240725.json")
+# tiny 3D layout for the knee/lung bundles: 2-step net (half, full resolution) with narrow U-Nets
+TINY_3D = [
+    "--image_shape", "[34,34,34]", "--levels", "[1,0]",
+    "--unet_down_channels", "[8,8,8,8,8]", "--unet_up_channels", "[8,8,8,8,8]", "--num_threads", "1",
+]
+
+
+def configs(bundle: str, *names: str) -> str:
+    paths = [os.path.join(BUNDLES, bundle, "configs", n) for n in names]
+    return paths[0] if len(paths) == 1 else "[" + ",".join(f"'{p}'" for p in paths) + "]"
+
+
+def bundle_cmd(tmp: str, bundle: str, config: str, *args: str, command: str = "run") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "monai.bundle", command, "--config_file", config,
+           "--ckpt_dir", os.path.join(tmp, "models"), "--output_dir", os.path.join(tmp, "eval"), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+
+
+def ok(proc: subprocess.CompletedProcess) -> str:
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def read_metrics(path: str) -> dict[str, float]:
+    with open(path) as f:
+        return {row[0]: float(row[1]) for row in csv.reader(f) if len(row) == 2}
+
+
+# --------------------------------------------------------------------------------------------- demo 2D
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """Train 2 epochs, resume to epoch 3, evaluate, infer, export: the artefacts of each step."""
+    tmp = str(tmp_path_factory.mktemp("demo"))
+    common = ["--iterations_per_epoch", "25", "--batch_size", "4", "--val_pairs", "8", "--num_threads", "1"]
+    train = configs("gradicon_demo_2d", "train.json")
+    logs = {"train": ok(bundle_cmd(tmp, "gradicon_demo_2d", train, "--epochs", "2", *common))}
+    ckpt2 = torch.load(os.path.join(tmp, "models", "training_checkpoint_epoch=2.pt"), weights_only=True)
+    logs["resume"] = ok(bundle_cmd(tmp, "gradicon_demo_2d", train, "--epochs", "3", "--resume", "True", *common))
+    logs["evaluate"] = ok(
+        bundle_cmd(tmp, "gradicon_demo_2d", configs("gradicon_demo_2d", "train.json", "evaluate.json"), *common)
+    )
+    logs["inference"] = ok(bundle_cmd(tmp, "gradicon_demo_2d", configs("gradicon_demo_2d", "inference.json"), "--num_pairs", "2"))
+    return {"dir": tmp, "logs": logs, "ckpt2": ckpt2}
+
+
+def test_demo_train_writes_checkpoints_and_picture(demo_run):
+    models = os.path.join(demo_run["dir"], "models")
+    assert os.path.isfile(os.path.join(models, "model.pt"))
+    state = torch.load(os.path.join(models, "model.pt"), weights_only=True)
+    # the checkpoint holds the registration network itself (no wrapper prefix)
+    assert any(k.startswith("step.") for k in state) and not any(k.startswith("network.") for k in state)
+    assert os.path.isfile(os.path.join(demo_run["dir"], "eval", "registration_epoch2.png"))
+    log = demo_run["logs"]["train"]
+    for name in ("similarity", "regularizer", "folds", "transform_magnitude"):
+        assert re.search(rf"{name}: [0-9.]+", log), name
+
+
+def test_demo_resume_continues_at_epoch_3_with_saved_optimizer(demo_run):
+    log = demo_run["logs"]["resume"]
+    assert "Epoch: 3/3" in log
+    assert "Epoch: 1/3" not in log and "Epoch: 2/3" not in log
+    ckpt3 = torch.load(os.path.join(demo_run["dir"], "models", "training_checkpoint_epoch=3.pt"), weights_only=True)
+    step2 = float(next(iter(demo_run["ckpt2"]["optimizer"]["state"].values()))["step"])
+    ckpt3_step = float(next(iter(ckpt3["optimizer"]["state"].values()))["step"])
+    assert step2 == 50 and ckpt3_step == 75  # Adam's step counter went on from the saved state
+    assert ckpt3["trainer"]["iteration"] == 75  # the trainer state went on from iteration 50 too
+
+
+def test_demo_training_aligns_pairs_without_folds(demo_run):
+    """75 iterations of the demo's own config: MSE of warped vs fixed well below the unregistered MSE."""
+    from monai_gradicon.data import SyntheticPairDataset
+
+    val = SyntheticPairDataset((64, 64), length=8, kind="phantom", hollow=False, seed=1000)
+    identity_mse = float(np.mean([torch.mean((p["moving"] - p["fixed"]) ** 2) for p in val]))
+    metrics = read_metrics(os.path.join(demo_run["dir"], "eval", "metrics.csv"))
+    assert metrics["val_mse"] < 0.7 * identity_mse, (metrics, identity_mse)
+    assert metrics["val_folds_percent"] < 0.5
+    assert 0.0 < metrics["val_dice"] <= 1.0
+
+
+def test_demo_inference_writes_png_and_ddf(demo_run):
+    out = os.path.join(demo_run["dir"], "eval")
+    assert os.path.getsize(os.path.join(out, "registration_1.png")) > 1000
+    ddf = nib.load(os.path.join(out, "pair0_moving_ddf.nii.gz")).get_fdata()
+    assert ddf.shape[:2] == (64, 64) and np.abs(ddf).max() > 0
+
+
+def test_demo_ckpt_export_matches_eager(demo_run):
+    tmp = demo_run["dir"]
+    ts_path = os.path.join(tmp, "model.ts")
+    ok(bundle_cmd(
+        tmp, "gradicon_demo_2d", configs("gradicon_demo_2d", "inference.json"), "network_def",
+        "--filepath", ts_path, "--ckpt_file", os.path.join(tmp, "models", "model.pt"),
+        "--meta_file", configs("gradicon_demo_2d", "metadata.json"), "--use_trace", "True",
+        "--input_shape", "[1,2,64,64]", command="ckpt_export",
+    ))
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(configs("gradicon_demo_2d", "inference.json"))
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(os.path.join(tmp, "models", "model.pt"), weights_only=True))
+    net.eval()
+    scripted = torch.jit.load(ts_path)
+    image = torch.rand(1, 2, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        eager, exported = net(image), scripted(image)
+    assert eager.abs().max() > 0
+    torch.testing.assert_close(exported, eager, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------- metadata, shapes
+
+
+@pytest.mark.parametrize("bundle", ["gradicon_demo_2d", "gradicon_knee_mri", "gradicon_lung_ct"])
+def test_verify_metadata_offline(bundle, tmp_path):
+    from monai.bundle import verify_metadata
+
+    schema = tmp_path / "schema.json"
+    schema.write_bytes(open(SCHEMA, "rb").read())
+    verify_metadata(meta_file=configs(bundle, "metadata.json"), filepath=str(schema))  # raises on error
+    meta = json.load(open(configs(bundle, "metadata.json")))
+    fmt = meta["network_data_format"]
+    assert fmt["inputs"]["image"]["num_channels"] == 2 and "pred" in fmt["outputs"]
+
+
+def test_verify_metadata_rejects_missing_required_key(tmp_path):
+    from monai.bundle import verify_metadata
+
+    meta = json.load(open(configs("gradicon_demo_2d", "metadata.json")))
+    del meta["required_packages_version"]
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    (tmp_path / "schema.json").write_bytes(open(SCHEMA, "rb").read())
+    with pytest.raises(ValueError, match="required_packages_version"):
+        verify_metadata(meta_file=str(tmp_path / "meta.json"), filepath=str(tmp_path / "schema.json"))
+
+
+@pytest.mark.parametrize("bundle", ["gradicon_demo_2d", "gradicon_lung_ct"])
+def test_verify_net_in_out(bundle):
+    """The paper's layout (lung: 4 U-Nets) at the smallest metadata shape (65^3): 2 channels in, D out."""
+    from monai.bundle import verify_net_in_out
+
+    torch.set_num_threads(1)
+    verify_net_in_out(
+        net_id="network_def", meta_file=configs(bundle, "metadata.json"),
+        config_file=configs(bundle, "inference.json"), device="cpu",
+    )
+
+
+# ------------------------------------------------------------------------------------ knee / lung 3D
+
+
+def write_nifti(path: str, array: np.ndarray, spacing: float = 1.0) -> str:
+    nib.save(nib.Nifti1Image(array.astype(np.float32), np.diag([spacing, spacing, spacing, 1.0])), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def nifti_pairs(tmp_path_factory):
+    """Two real NIfTI pairs (phantom CT in HU with lung masks) and landmark files, with a datalist."""
+    from monai_gradicon.data import SyntheticPairDataset
+
+    root = tmp_path_factory.mktemp("nifti")
+    ds = SyntheticPairDataset((24, 26, 22), length=2, kind="phantom", seed=7)
+    entries = []
+    for i in range(2):
+        item = ds[i]
+        names = {}
+        for key in ("moving", "fixed"):
+            hu = item[key][0].numpy() * 1000.0 - 1000.0  # [0,1] -> [-1000, 0] HU
+            names[key] = write_nifti(str(root / f"case{i}_{key}.nii.gz"), hu, spacing=3.0)
+            mask = (item[f"{key}_label"][0].numpy() > 0).astype(np.float32)
+            names[f"{key}_label"] = write_nifti(str(root / f"case{i}_{key}_mask.nii.gz"), mask, spacing=3.0)
+            points = np.array([[5, 6, 7], [12, 13, 11], [20, 18, 15]], dtype=float)
+            np.savetxt(root / f"case{i}_{key}_landmarks.txt", points, fmt="%d")
+            names[f"{key}_landmarks"] = str(root / f"case{i}_{key}_landmarks.txt")
+        entries.append(names)
+    datalist = {"training": entries, "validation": entries[:1], "testing": entries[1:]}
+    (root / "datalist.json").write_text(json.dumps(datalist))
+    return root
+
+
+def test_knee_bundle_synthetic_train_evaluate_and_nifti_inference(tmp_path, nifti_pairs):
+    tmp = str(tmp_path)
+    common = ["--synthetic", "True", "--synthetic_pairs", "1", "--val_pairs", "1", "--batch_size", "1", *TINY_3D]
+    out = ok(bundle_cmd(tmp, "gradicon_knee_mri", configs("gradicon_knee_mri", "train.json"), "--epochs", "1", *common))
+    assert "similarity" in out and os.path.isfile(os.path.join(tmp, "models", "model.pt"))
+    ok(bundle_cmd(tmp, "gradicon_knee_mri", configs("gradicon_knee_mri", "train.json", "evaluate.json"), *common))
+    metrics = read_metrics(os.path.join(tmp, "eval", "metrics.csv"))
+    assert {"val_mse", "val_dice", "val_folds_percent"} <= set(metrics)
+    # inference on real NIfTI files listed in a datalist ('testing' section)
+    ok(bundle_cmd(
+        tmp, "gradicon_knee_mri", configs("gradicon_knee_mri", "inference.json"),
+        "--datalist_file", str(nifti_pairs / "datalist.json"), *TINY_3D,
+    ))
+    ddf = nib.load(os.path.join(tmp, "eval", "case1_moving_ddf.nii.gz"))
+    assert ddf.shape[:3] == (34, 34, 34) and ddf.shape[-1] == 3
+    assert os.path.isfile(os.path.join(tmp, "eval", "case1_moving_warped.nii.gz"))
+
+
+def test_lung_bundle_nifti_train_evaluate_tre_and_synthetic_inference(tmp_path, nifti_pairs):
+    tmp = str(tmp_path)
+    data = ["--datalist_file", str(nifti_pairs / "datalist.json"), "--batch_size", "1", *TINY_3D]
+    out = ok(bundle_cmd(tmp, "gradicon_lung_ct", configs("gradicon_lung_ct", "train.json"), "--epochs", "1", *data))
+    for q in range(1, 5):  # self-adaptive NCC weights are logged
+        assert re.search(rf"gamma_{q}: [0-9.]+", out)
+    ok(bundle_cmd(
+        tmp, "gradicon_lung_ct", configs("gradicon_lung_ct", "train.json", "evaluate.json"), "--landmarks", "True", *data
+    ))
+    metrics = read_metrics(os.path.join(tmp, "eval", "metrics.csv"))
+    # the nearly untrained net is close to identity: TRE = landmark distance after 3 mm -> 2 mm resampling
+    assert 0.0 <= metrics["val_tre_mm"] < 5.0 and 0.0 <= metrics["val_dice"] <= 1.0
+    ok(bundle_cmd(
+        tmp, "gradicon_lung_ct", configs("gradicon_lung_ct", "inference.json"), "--synthetic", "True", "--num_pairs", "1",
+        *TINY_3D,
+    ))
+    assert os.path.isfile(os.path.join(tmp, "eval", "phantom0_moving_ddf.nii.gz"))
+    assert os.path.isfile(os.path.join(tmp, "eval", "registration_0.png"))
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_missing_datalist_file_is_named(tmp_path):
+    proc = bundle_cmd(
+        str(tmp_path), "gradicon_knee_mri", configs("gradicon_knee_mri", "train.json"),
+        "--datalist_file", str(tmp_path / "nowhere" / "pairs.json"), "--epochs", "1", *TINY_3D,
+    )
+    assert proc.returncode != 0
+    assert "datalist file not found" in proc.stderr and str(tmp_path / "nowhere" / "pairs.json") in proc.stderr
+
+
+def _run_in_process(config: list[str] | str, **override) -> None:
+    from monai.bundle import run
+
+    run(config_file=config, **override)
+
+
+def _chain(exc: BaseException) -> str:
+    parts = []
+    while exc is not None:
+        parts.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return " | ".join(parts)
+
+
+def test_unknown_datalist_key_is_named(tmp_path, nifti_pairs):
+    bad = json.load(open(nifti_pairs / "datalist.json"))
+    bad["training"][0]["moving_img"] = bad["training"][0].pop("moving")
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(Exception) as info:
+        _run_in_process(
+            configs("gradicon_lung_ct", "train.json"), datalist_file=str(tmp_path / "bad.json"),
+            ckpt_dir=str(tmp_path / "m"), output_dir=str(tmp_path / "e"), epochs=1, image_shape=[34, 34, 34], levels=[1, 0],
+        )
+    text = _chain(info.value)
+    assert "moving_img" in text and "bad.json" in text
+
+
+def test_wrong_channel_count_names_the_file(tmp_path, nifti_pairs):
+    two_channel = np.stack([np.zeros((24, 26, 22)), np.ones((24, 26, 22))], axis=-1)
+    path = write_nifti(str(tmp_path / "two_channel.nii.gz"), two_channel)
+    datalist = json.load(open(nifti_pairs / "datalist.json"))
+    datalist["testing"][0]["moving"] = path
+    (tmp_path / "d.json").write_text(json.dumps(datalist))
+    with pytest.raises(Exception) as info:
+        _run_in_process(
+            configs("gradicon_knee_mri", "inference.json"), datalist_file=str(tmp_path / "d.json"), load_pretrain=False,
+            output_dir=str(tmp_path / "e"), image_shape=[34, 34, 34], levels=[1, 0],
+            unet_down_channels=[8, 8, 8, 8, 8], unet_up_channels=[8, 8, 8, 8, 8],
+        )
+    text = _chain(info.value)
+    assert "two_channel.nii.gz" in text and "1 channel(s), got 2" in text
+
+
+def test_mismatched_pair_shapes_name_both_files(tmp_path):
+    from monai.transforms import LoadImaged
+
+    from monai_gradicon.transforms import CheckPaird
+
+    a = write_nifti(str(tmp_path / "moving.nii.gz"), np.zeros((20, 20, 20)))
+    b = write_nifti(str(tmp_path / "fixed.nii.gz"), np.zeros((20, 22, 20)))
+    item = LoadImaged(["moving", "fixed"], ensure_channel_first=True)({"moving": a, "fixed": b})
+    with pytest.raises(ValueError, match=r"same spatial shape.*moving\.nii\.gz.*\(20, 20, 20\).*fixed\.nii\.gz.*\(20, 22, 20\)"):
+        CheckPaird(["moving", "fixed"], spatial_dims=3)(item)
+
+
+# ---------------------------------------------------------------------------------------- multi-GPU
+
+
+def test_multi_gpu_train_two_processes_gloo(tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [
+        torchrun, "--standalone", "--nnodes=1", "--nproc_per_node=2", "-m", "monai.bundle", "run",
+        "--config_file", configs("gradicon_demo_2d", "train.json", "multi_gpu_train.json"),
+        "--epochs", "1", "--iterations_per_epoch", "2", "--batch_size", "2", "--val_pairs", "3", "--num_threads", "1",
+        "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
+    out = ok(proc)
+    # both ranks ran the trainer to the end; rank 0 alone saved
+    assert out.count("SupervisedTrainer - INFO - Engine run finished") == 2, out[-3000:]
+    assert os.path.isfile(tmp_path / "models" / "training_checkpoint_epoch=1.pt")
+    assert os.path.isfile(tmp_path / "models" / "model.pt")

@@ -1,0 +1,188 @@
+"""Two-direction training pieces: wrapper, loss adapter, export wrapper, metrics, transforms, pictures."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from monai_gradicon.engines import (
+    BidirectionalRegistration,
+    FoldPercentageMetric,
+    GradICONTrainingLoss,
+    PairToDDF,
+    landmark_tre,
+    latest_checkpoint,
+)
+from monai_gradicon.losses import GradICONLoss, GradICONObjective, SelfAdaptiveNCCLoss
+from monai_gradicon.networks import GradICONUNet, multistep_network
+from monai_gradicon.transforms import LandmarksToGridd, WarpWithDDFd, load_pair_datalist
+from monai_gradicon.visualize import checkerboard, grid_image, overview_image, save_overview_png
+
+
+def small_net(spatial_dims: int):
+    torch.manual_seed(0)
+    net = multistep_network(
+        spatial_dims, (1, 0), subnetwork=lambda: GradICONUNet(spatial_dims, down_channels=(4, 4, 4), up_channels=(4, 4, 4))
+    )
+    for p in net.parameters():  # leave the zero-initialised identity so that the maps are not trivial
+        p.data.normal_(0, 0.05)
+    return net
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_training_loss_equals_objective_on_both_directions(spatial_dims):
+    net = small_net(spatial_dims).eval()
+    shape = (2, 1) + (18,) * spatial_dims
+    a, b = torch.rand(shape, generator=torch.Generator().manual_seed(1)), torch.rand(shape)
+    noise = torch.randn((1, spatial_dims) + (18,) * spatial_dims)
+    loss = GradICONTrainingLoss(torch.nn.MSELoss(), lmbda=0.2, spatial_dims=spatial_dims)
+    pred = BidirectionalRegistration(PairToDDF(net, spatial_dims))(torch.cat([a, b], 1))
+    reg = loss.objective.regularizer
+    expected = GradICONObjective(torch.nn.MSELoss(), GradICONLoss(spatial_dims), 0.2)(
+        a, b, net.deformation(a, b), net.deformation(b, a), noise
+    )
+    got = loss.objective(pred["moving"], pred["fixed"], pred["phi_AB"], pred["phi_BA"], noise)
+    torch.testing.assert_close(got.total, expected.total)
+    assert isinstance(reg, GradICONLoss)
+    total = loss(pred, None)
+    total.backward()  # gradients reach the registration network through both directions
+    assert all(p.grad is not None for p in net.parameters())
+    assert set(loss.log_values()) == {"similarity", "regularizer", "transform_magnitude", "folds"}
+
+
+def test_training_loss_logs_self_adaptive_gammas():
+    net = small_net(3).eval()
+    a, b = torch.rand(1, 1, 18, 18, 18), torch.rand(1, 1, 18, 18, 18)
+    loss = GradICONTrainingLoss(SelfAdaptiveNCCLoss(3, num_scales=4, alpha=0.1, beta=1.3), lmbda=0.1, spatial_dims=3)
+    loss(BidirectionalRegistration(net)(a, b))
+    values = loss.log_values()
+    assert [k for k in values if k.startswith("gamma_")] == ["gamma_1", "gamma_2", "gamma_3", "gamma_4"]
+    assert all(0.0 <= values[f"gamma_{q}"] <= 1.0 for q in range(1, 5))
+
+
+def test_training_loss_rejects_a_plain_ddf():
+    loss = GradICONTrainingLoss(torch.nn.MSELoss(), lmbda=1.0, spatial_dims=2)
+    with pytest.raises(ValueError, match="BidirectionalRegistration"):
+        loss(torch.zeros(1, 2, 8, 8), None)
+
+
+def test_pair_to_ddf_is_transparent_for_checkpoints():
+    net = small_net(2)
+    wrapper = PairToDDF(net, spatial_dims=2)
+    assert wrapper.state_dict().keys() == net.state_dict().keys()
+    other = PairToDDF(small_net(2).apply(lambda m: None), spatial_dims=2)
+    for p in other.network.parameters():
+        p.data.zero_()
+    other.load_state_dict(net.state_dict())
+    x = torch.rand(1, 2, 16, 16)
+    torch.testing.assert_close(other.eval()(x), wrapper.eval()(x))
+    with pytest.raises(ValueError, match=r"\[moving, fixed\].*got shape \(1, 3, 16, 16\)"):
+        wrapper(torch.rand(1, 3, 16, 16))
+
+
+def test_fold_metric_and_landmark_tre():
+    ddf = torch.zeros(1, 2, 10, 10)
+    ddf[0, 0, 5:, :] = -3.0  # a step backwards: folds along axis 0
+    metric = FoldPercentageMetric()
+    metric(ddf, ddf)
+    assert float(metric.aggregate()) > 0
+    metric.reset()
+    metric(torch.zeros(1, 2, 10, 10), None)
+    assert float(metric.aggregate()) == 0.0
+    shift = torch.zeros(3, 8, 8, 8)
+    shift[1] = 2.0  # fixed point x maps to x + 2 voxels along axis 1
+    fixed = torch.tensor([[1.0, 1.0, 1.0], [4.0, 3.0, 2.0]])
+    assert float(landmark_tre(shift, fixed, fixed + torch.tensor([0.0, 2.0, 0.0]), (2.0, 2.0, 2.0))) == pytest.approx(0.0, abs=1e-6)
+    assert float(landmark_tre(shift, fixed, fixed, (2.0, 1.5, 2.0))) == pytest.approx(3.0, abs=1e-6)
+
+
+def test_landmarks_follow_the_affines():
+    original = torch.diag(torch.tensor([3.0, 3.0, 3.0, 1.0])).double()
+    grid = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])).double()
+    grid[:3, 3] = torch.tensor([4.0, -2.0, 0.0])  # e.g. after 2 mm resampling and a crop
+    data = {}
+    for key in ("fixed", "moving"):
+        data[key] = MetaTensor(torch.zeros(1, 4, 4, 4), affine=grid, meta={"original_affine": original})
+    data["fixed_landmarks"] = np.array([[5.0, 6.0, 7.0]])  # 1-based
+    data["moving_landmarks"] = np.array([[1.0, 1.0, 1.0]])
+    out = LandmarksToGridd()(data)["landmarks"]
+    expected_fixed = (np.array([4.0, 5.0, 6.0]) * 3.0 - np.array([4.0, -2.0, 0.0])) / 2.0
+    np.testing.assert_allclose(out[0, 0].numpy(), expected_fixed, atol=1e-5)
+    np.testing.assert_allclose(out[1, 0].numpy(), (0.0 - np.array([4.0, -2.0, 0.0])) / 2.0, atol=1e-5)
+
+
+def test_warp_with_ddf_matches_shift():
+    image = torch.arange(64.0).reshape(1, 8, 8)
+    ddf = torch.zeros(2, 8, 8)
+    ddf[1] = 1.0
+    out = WarpWithDDFd("moving", output_keys="warped", reference_key=None)({"moving": image, "pred": ddf})["warped"]
+    torch.testing.assert_close(out[0, :, :-1], image[0, :, 1:])
+
+
+def test_datalist_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="datalist file not found"):
+        load_pair_datalist(str(tmp_path / "none.json"))
+    (tmp_path / "d.json").write_text('{"training": [{"moving": "a.nii.gz", "fixed": "b.nii.gz"}]}')
+    with pytest.raises(FileNotFoundError, match=r"entry 0 key 'moving'.*a\.nii\.gz"):
+        load_pair_datalist(str(tmp_path / "d.json"))
+    with pytest.raises(ValueError, match="no section 'validation'"):
+        load_pair_datalist(str(tmp_path / "d.json"), "validation")
+    (tmp_path / "a.nii.gz").write_bytes(b"x")
+    (tmp_path / "b.nii.gz").write_bytes(b"x")
+    entries = load_pair_datalist(str(tmp_path / "d.json"))
+    assert entries[0]["moving"] == str(tmp_path / "a.nii.gz")
+
+
+def test_latest_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        latest_checkpoint(str(tmp_path))
+    for n in (2, 10, 9):
+        (tmp_path / f"training_checkpoint_epoch={n}.pt").write_bytes(b"")
+    assert latest_checkpoint(str(tmp_path)).endswith("epoch=10.pt")
+
+
+def test_pictures(tmp_path):
+    a, b = np.zeros((8, 8)), np.ones((8, 8))
+    board = checkerboard(a, b, tiles=2)
+    assert board[0, 0] == 0 and board[0, 7] == 1 and board[7, 7] == 0
+    flat = grid_image(np.zeros((2, 16, 16)), spacing=4)
+    assert flat[0, 0] == 0 and flat[1, 1] == 1 and flat[4, 2] == 0
+    shifted = grid_image(np.ones((2, 16, 16)), spacing=4)
+    assert shifted[3, 3] == 0 and shifted[0, 1] == 1
+    picture = overview_image(torch.rand(1, 8, 8, 8), torch.rand(1, 8, 8, 8), torch.rand(1, 8, 8, 8), torch.zeros(3, 8, 8, 8))
+    assert picture.shape == (8, 40)
+    path = save_overview_png(str(tmp_path / "o.png"), a[None], b[None], a[None], np.zeros((2, 8, 8)))
+    assert os.path.getsize(path) > 500
+
+
+def test_supervised_trainer_with_gradient_accumulation_and_terms_handler():
+    """The stock SupervisedTrainer runs the two-direction step; accumulation_steps=2 steps the optimizer every 2nd iteration."""
+    from ignite.engine import Events
+    from monai.engines import SupervisedTrainer
+
+    from monai_gradicon.engines import GradICONTermsHandler
+
+    net = small_net(2)
+    data = [{"image": torch.rand(2, 16, 16), "label": torch.rand(1, 16, 16)} for _ in range(4)]
+    loader = torch.utils.data.DataLoader(data, batch_size=2)
+    loss = GradICONTrainingLoss(torch.nn.MSELoss(), lmbda=1.0, spatial_dims=2)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=loader,
+        network=BidirectionalRegistration(PairToDDF(net, 2)), optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        loss_function=loss, decollate=False, accumulation_steps=2,
+        train_handlers=[GradICONTermsHandler(loss)],
+    )
+    snapshots = []
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda e: snapshots.append([p.detach().clone() for p in net.parameters()])
+    )
+    before = [p.detach().clone() for p in net.parameters()]
+    trainer.run()
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshots[0]))  # no step after iteration 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, snapshots[1]))  # one step after iteration 2
+    assert {"similarity", "regularizer", "folds"} <= set(trainer.state.output)
+    assert "train_similarity" in trainer.state.metrics
