@@ -80,16 +80,25 @@ class PairToDDF(nn.Module):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
         self.network = network
         self.spatial_dims = spatial_dims
+        # keys are those of `network` (relative to wherever this module sits), in and out
+        self._register_state_dict_hook(self._drop_network_prefix)
+        self._register_load_state_dict_pre_hook(self._add_network_prefix)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         moving, fixed = split_pair(image, self.spatial_dims)
         return self.network(moving, fixed)
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        return self.network.state_dict(*args, **kwargs)
+    @staticmethod
+    def _drop_network_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+        inner = prefix + "network."
+        for key in [k for k in state_dict if k.startswith(inner)]:
+            state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
 
-    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
-        return self.network.load_state_dict(state_dict, strict=strict, assign=assign)
+    @staticmethod
+    def _add_network_prefix(state_dict: dict, prefix: str, *args: Any) -> None:
+        inner = prefix + "network."
+        for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+            state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
 
 
 class BidirectionalRegistration(nn.Module):
