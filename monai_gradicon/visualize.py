@@ -1,7 +1,7 @@
 """Pictures of a registration: checkerboards, deformed grids, and a one-file PNG overview.
 
 Everything here works on 2D slices (``(H, W)`` arrays or tensors); 3D volumes are shown by their
-middle slice along the first spatial axis (:func:`middle_slice`). The functions return numpy arrays
+middle slice along the last spatial axis (:func:`middle_slice`). The functions return numpy arrays
 in [0, 1] so that they can go to matplotlib, TensorBoard (``add_image``) or a PNG file alike.
 """
 
@@ -47,7 +47,14 @@ def middle_slice(volume: torch.Tensor | np.ndarray, spatial_dims: int | None = N
 
 
 def normalize_intensity(image: np.ndarray) -> np.ndarray:
-    """Scale ``image`` linearly to [0, 1] (a constant image becomes zeros)."""
+    """Scale ``image`` linearly to [0, 1] (a constant image becomes zeros).
+
+    Args:
+        image: array of any shape.
+
+    Returns:
+        array of the same shape, minimum 0 and maximum 1.
+    """
     low, high = float(np.min(image)), float(np.max(image))
     return np.zeros_like(image) if high - low < 1e-12 else (image - low) / (high - low)
 
@@ -113,7 +120,9 @@ def overview_image(
     """One grey picture ``(H, 5W)``: fixed | moving | warped moving | checkerboard(warped, fixed) | grid.
 
     Args:
-        moving, fixed, warped: ``(C, *spatial)`` or ``(H, W)`` images (3D: middle slice).
+        moving: moving image ``(C, *spatial)`` or ``(H, W)`` (3D: middle slice; first channel shown).
+        fixed: fixed image, same form.
+        warped: warped moving image, same form.
         ddf: ``(D, *spatial)`` DDF of ``warped = Warp()(moving, ddf)``.
         tiles: checkerboard tiles per axis.
 
@@ -139,7 +148,23 @@ def save_overview_png(
     title: str | None = None,
     tiles: int = 8,
 ) -> str:
-    """Write :func:`overview_image` as a labelled PNG with matplotlib (Agg backend); returns ``path``."""
+    """Write :func:`overview_image` as a labelled PNG with matplotlib (Agg backend); returns ``path``.
+
+    The fifth panel draws the deformed grid as contour lines of ``x + ddf(x)`` (smoother than the
+    raster of :func:`grid_image`).
+
+    Args:
+        path: output PNG file (its folder must exist).
+        moving: moving image ``(C, *spatial)`` or ``(H, W)`` (3D: middle slice).
+        fixed: fixed image, same form.
+        warped: warped moving image, same form.
+        ddf: ``(D, *spatial)`` DDF of ``warped = Warp()(moving, ddf)``, voxel units.
+        title: optional figure title.
+        tiles: checkerboard tiles per axis.
+
+    Returns:
+        ``path``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -36,6 +36,15 @@ def triangles_and_circles(
     Centre ``~U(0.4, 0.7)²``, radius ``~U(0.2, 0.4)``, rotation ``~U(0, 2π)`` in [0, 1] coordinates;
     intensity ``tanh(−40·signed_distance)`` in (−1, 1), or ``1 − that²`` (an outline in [0, 1]) when
     ``hollow``. The mask is ``signed_distance < 0`` (the filled shape), for Dice.
+
+    Args:
+        batch: number of images.
+        size: side length in pixels (the images are square).
+        hollow: draw only the outline of each shape.
+        generator: source of the random shapes; ``None`` uses torch's default generator.
+
+    Returns:
+        ``(images, masks)``, both float32 ``(batch, 1, size, size)``; masks are 0/1.
     """
     g = generator if generator is not None else torch.default_generator
     lin = torch.linspace(0, 1, size, dtype=torch.float64)
@@ -63,7 +72,16 @@ def phantom(
     """A random phantom ``(1, *spatial_shape)`` in [0, 1] and its label map (0 = background).
 
     A large ellipsoid "body" (label 1) holds ``num_structures`` smaller randomly placed ellipsoids
-    (labels 2..), each with its own intensity, smoothed at the edges.
+    (labels 2..), each with its own intensity, smoothed at the edges. Where structures overlap the
+    later one's label wins; structure labels are only set inside the body (outside it stays 0).
+
+    Args:
+        spatial_shape: 2 or 3 sizes, e.g. ``(64, 64, 64)``.
+        generator: source of the random layout; ``None`` uses torch's default generator.
+        num_structures: number of inner ellipsoids (labels ``2 .. num_structures + 1``).
+
+    Returns:
+        ``(image, labels)``: float32 ``(1, *spatial_shape)`` in [0, 1] and int64 ``(1, *spatial_shape)``.
     """
     g = generator if generator is not None else torch.default_generator
     dims = len(spatial_shape)
@@ -94,9 +112,19 @@ def random_smooth_ddf(
 ) -> torch.Tensor:
     """A smooth random DDF ``(1, D, *spatial_shape)`` in voxel units, ``|ddf| <= max_displacement``.
 
-    Random values on a ``control_points^D`` lattice are upsampled with cubic-like smoothness
-    (bicubic/trilinear) to the image grid and scaled so the largest component equals ``max_displacement``.
+    Standard-normal values on a ``control_points^D`` lattice are upsampled to the image grid (bicubic
+    in 2D, trilinear in 3D, ``align_corners=True``) and scaled so the largest absolute component
+    equals ``max_displacement``.
     Keep ``max_displacement`` below the control spacing for a fold-free (diffeomorphic) field.
+
+    Args:
+        spatial_shape: 2 or 3 sizes of the image grid.
+        max_displacement: largest absolute displacement component, in voxels.
+        control_points: lattice points per axis of the random coarse field.
+        generator: source of the random values; ``None`` uses torch's default generator.
+
+    Returns:
+        DDF ``(1, D, *spatial_shape)`` in voxel units (MONAI convention), in torch's default dtype.
     """
     g = generator if generator is not None else torch.default_generator
     dims = len(spatial_shape)

@@ -22,6 +22,10 @@ def latest_checkpoint(ckpt_dir: str, pattern: str = "training_*.pt") -> str:
         ckpt_dir: the bundle's checkpoint folder.
         pattern: glob of the periodic checkpoints inside ``ckpt_dir``.
 
+    Returns:
+        the path of the matching file whose name ends in ``epoch=<N>.pt`` or ``iteration=<N>.pt``
+        with the largest ``N``.
+
     Raises:
         FileNotFoundError: no such checkpoint (the message names the folder and pattern).
     """

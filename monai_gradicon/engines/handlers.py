@@ -64,6 +64,11 @@ class GradICONTermsHandler:
         self._count = 0
 
     def attach(self, engine: Any) -> None:
+        """Register on ``engine`` (epoch start: reset; each iteration: copy values; epoch end: means).
+
+        Args:
+            engine: the ignite engine (e.g. MONAI ``SupervisedTrainer``) using :attr:`loss_function`.
+        """
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
@@ -118,6 +123,12 @@ class RegistrationImageHandler:
         self.last_png: str | None = None
 
     def attach(self, engine: Any) -> None:
+        """Register on ``engine`` to run at the end of every ``interval``-th epoch.
+
+        Args:
+            engine: the ignite engine (``SupervisedTrainer`` with ``decollate=False`` whose network is a
+                :class:`~monai_gradicon.engines.BidirectionalRegistration`).
+        """
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
 
     def __call__(self, engine: Any) -> None:

@@ -22,7 +22,12 @@ __all__ = ["FoldPercentageMetric", "LandmarkTREMetric", "landmark_tre"]
 class FoldPercentageMetric(CumulativeIterationMetric):
     """Percentage of voxels of a DDF ``(B, D, *spatial)`` whose Jacobian determinant is negative.
 
-    ``y`` is ignored (``IgniteMetricHandler`` always passes one).
+    The ``%|J|`` of paper Sec. 8, per case, by :func:`~monai_gradicon.maps.fold_percentage`. ``y`` is
+    ignored (``IgniteMetricHandler`` always passes one).
+
+    Args:
+        reduction: how :meth:`aggregate` reduces the per-case values (a MONAI ``MetricReduction``,
+            default mean).
     """
 
     def __init__(self, reduction: MetricReduction | str = MetricReduction.MEAN) -> None:
@@ -36,6 +41,14 @@ class FoldPercentageMetric(CumulativeIterationMetric):
         return fold_percentage(y_pred.float()).reshape(-1, 1)
 
     def aggregate(self, reduction: MetricReduction | str | None = None) -> torch.Tensor:
+        """Reduce the per-case values collected so far.
+
+        Args:
+            reduction: overrides the constructor's ``reduction`` when given.
+
+        Returns:
+            the reduced metric; the values are kept as ``(cases, 1)``, so ``"mean"`` gives shape ``(1,)``.
+        """
         data = self.get_buffer()
         if not isinstance(data, torch.Tensor):
             raise ValueError("FoldPercentageMetric has no data to aggregate.")
@@ -76,6 +89,8 @@ class LandmarkTREMetric(CumulativeIterationMetric):
 
     Args:
         spacing: voxel size in mm of the network grid (lung bundle: 2 mm isotropic).
+        reduction: how :meth:`aggregate` reduces the per-case values (a MONAI ``MetricReduction``,
+            default mean).
     """
 
     def __init__(self, spacing: Sequence[float], reduction: MetricReduction | str = MetricReduction.MEAN) -> None:
@@ -90,6 +105,14 @@ class LandmarkTREMetric(CumulativeIterationMetric):
         return torch.stack(values).reshape(-1, 1).float()
 
     def aggregate(self, reduction: MetricReduction | str | None = None) -> torch.Tensor:
+        """Reduce the per-case values collected so far.
+
+        Args:
+            reduction: overrides the constructor's ``reduction`` when given.
+
+        Returns:
+            the reduced metric; the values are kept as ``(cases, 1)``, so ``"mean"`` gives shape ``(1,)``.
+        """
         data = self.get_buffer()
         if not isinstance(data, torch.Tensor):
             raise ValueError("LandmarkTREMetric has no data to aggregate.")

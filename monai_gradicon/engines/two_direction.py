@@ -38,6 +38,13 @@ __all__ = ["PairToDDF", "BidirectionalRegistration", "GradICONTrainingLoss", "sp
 def split_pair(image: torch.Tensor, spatial_dims: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Split ``[moving, fixed]`` stacked on the channel axis ``(B, 2C, *spatial)`` into two ``(B, C, *spatial)``.
 
+    Args:
+        image: ``(B, 2C, *spatial)``, the first ``C`` channels the moving image, the last ``C`` the fixed one.
+        spatial_dims: expected number of spatial axes; ``None`` accepts any tensor of rank >= 4.
+
+    Returns:
+        ``(moving, fixed)``, views of ``image``, each ``(B, C, *spatial)``.
+
     Raises:
         ValueError: wrong rank or an odd channel count (the message gives the shape received).
     """
@@ -85,6 +92,14 @@ class PairToDDF(nn.Module):
         self._register_load_state_dict_pre_hook(self._add_network_prefix)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            image: ``(B, 2C, *spatial)`` = ``[moving, fixed]`` on the channel axis.
+
+        Returns:
+            whatever ``network(moving, fixed)`` returns: for a registration network, the MONAI DDF
+            ``(B, D, *spatial)`` in voxels with ``Warp()(moving, ddf) ≈ fixed``.
+        """
         moving, fixed = split_pair(image, self.spatial_dims)
         return self.network(moving, fixed)
 
@@ -125,6 +140,17 @@ class BidirectionalRegistration(nn.Module):
         return self.network(moving, fixed)
 
     def forward(self, image: torch.Tensor, fixed: torch.Tensor | None = None) -> dict[str, Any]:
+        """
+        Args:
+            image: ``[A, B]`` stacked on the channel axis ``(B, 2C, *spatial)``; or, when ``fixed`` is
+                given, the moving image ``A`` ``(B, C, *spatial)``.
+            fixed: the fixed image ``B``; ``None`` splits ``image`` instead.
+
+        Returns:
+            ``{"moving": A, "fixed": B, "phi_AB": Φ_AB, "phi_BA": Φ_BA}``; each ``Φ`` is a
+            :class:`~monai_gradicon.maps.Deformation` when the network has ``deformation()``, else the
+            network's DDF ``(B, D, *spatial)`` in voxels (the two inputs of Sec. 5.1's objective).
+        """
         moving, fixed = split_pair(image, self.spatial_dims) if fixed is None else (image, fixed)
         return {
             "moving": moving,
@@ -166,6 +192,7 @@ class GradICONTrainingLoss(_Loss):
 
     @property
     def similarity(self) -> nn.Module:
+        """The similarity measure ``L_sim`` of the wrapped :class:`~monai_gradicon.losses.GradICONObjective`."""
         return self.objective.similarity
 
     def forward(self, pred: dict[str, Any], target: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,7 +216,11 @@ class GradICONTrainingLoss(_Loss):
 
     def log_values(self) -> dict[str, float]:
         """Scalars of the last call: ``similarity``, ``regularizer``, ``transform_magnitude``, ``folds`` and,
-        for :class:`~monai_gradicon.losses.SelfAdaptiveNCCLoss`, ``gamma_1..gamma_Q`` (batch means)."""
+        for :class:`~monai_gradicon.losses.SelfAdaptiveNCCLoss`, ``gamma_1..gamma_Q`` (batch means).
+
+        Returns:
+            name -> float; empty before the first call.
+        """
         if self.last_terms is None:
             return {}
         values = {k: v for k, v in self.last_terms.scalars().items() if k != "total"}

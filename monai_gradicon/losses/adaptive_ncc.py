@@ -73,14 +73,25 @@ class SelfAdaptiveNCCLoss(_Loss):
         self.scale_weights: torch.Tensor | None = None
 
     def thresholds(self) -> list[float]:
-        """``h(i) = α / β^(Q − i)`` for ``i = 1..Q`` (Eq. 8); all 1 for the parameter-free Eq. 7."""
+        """``h(i) = α / β^(Q − i)`` for ``i = 1..Q`` (Eq. 8); all 1 for the parameter-free Eq. 7.
+
+        Returns:
+            ``Q`` thresholds, scale 1 first.
+        """
         q = self.num_scales
         if self.alpha is None:
             return [1.0] * q
         return [self.alpha / self.beta ** (q - i) for i in range(1, q + 1)]
 
     def pyramid(self, image: torch.Tensor) -> list[torch.Tensor]:
-        """The ``Q + 1`` scales of ``image`` described above."""
+        """The ``Q + 1`` scales of ``image`` described above (``I^(0) .. I^(Q)`` of Eq. 7).
+
+        Args:
+            image: ``(B, C, *spatial)``; every spatial axis must be at least ``2^(Q-1)``.
+
+        Returns:
+            ``Q + 1`` tensors, finest first; scale ``i >= 2`` has spatial size ``floor(N / 2^(i-1))``.
+        """
         pool = (F.avg_pool2d, F.avg_pool3d)[self.spatial_dims - 2]
         blur = lambda t: gaussian_blur(t, 2 * self.sigma + 1, self.sigma)  # noqa: E731
         scales = [image, blur(image)]
@@ -99,6 +110,10 @@ class SelfAdaptiveNCCLoss(_Loss):
         Args:
             pred: warped moving image ``(B, C, *spatial)``.
             target: fixed image, same shape.
+
+        Returns:
+            ``g_Q`` per sample (Eq. 7), reduced over the batch as ``reduction`` says; :attr:`gammas` and
+            :attr:`scale_weights` are updated.
         """
         check_similarity_inputs(pred, target, self.spatial_dims)
 

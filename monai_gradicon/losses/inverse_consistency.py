@@ -23,7 +23,22 @@ __all__ = ["GradICONLoss", "ICONLoss", "as_deformation", "perturbed_identity"]
 
 
 def as_deformation(phi: torch.Tensor | Deformation, spatial_dims: int, name: str) -> Deformation:
-    """A DDF tensor (voxel units) or a :class:`Deformation` -> :class:`Deformation`."""
+    """A DDF tensor (voxel units) or a :class:`Deformation` -> :class:`Deformation`.
+
+    Lets the regularisers of Eq. 2 (and ICON, Sec. 3) take either form of ``Φ``; a DDF is checked and
+    wrapped with :meth:`Deformation.from_ddf`, a :class:`Deformation` is returned as it is.
+
+    Args:
+        phi: a MONAI DDF ``(B, D, *spatial)`` in voxel units, or a :class:`Deformation`.
+        spatial_dims: the expected ``D`` (2 or 3).
+        name: what to call ``phi`` in error messages (e.g. ``"phi_AB"``).
+
+    Returns:
+        the deformation.
+
+    Raises:
+        ValueError: ``phi`` has the wrong number of spatial axes, or is not a valid DDF (shape, finite values).
+    """
     if isinstance(phi, Deformation):
         if phi.spatial_dims != spatial_dims:
             raise ValueError(f"{name} must be a {spatial_dims}D deformation, got a {phi.spatial_dims}D one.")
@@ -43,7 +58,20 @@ def perturbed_identity(
     """``id + std_factor · ξ / W`` with ``ξ ~ N(0, 1)``, ``(1, D, *spatial_shape)``.
 
     ``noise`` injects ``ξ`` (shape ``(1, D, *spatial_shape)``); otherwise it is drawn in float32 on
-    the CPU from ``generator`` (the global RNG when ``None``), as the reference draws it.
+    the CPU from ``generator`` (the global RNG when ``None``), as the reference draws it. These are
+    the points at which the inverse consistency of Eq. 2 (GradICON) and Sec. 3 (ICON) is evaluated.
+
+    Args:
+        spatial_shape: ``(N_0, ..., N_{D-1})``; ``W = N_{D-1}`` (the last axis) sets the noise scale.
+        dtype: dtype of the returned points.
+        device: device of the returned points.
+        std_factor: noise standard deviation in units of ``1/W`` (1 for the dense, 2 for the sparse
+            GradICON variant).
+        noise: optional ``ξ`` to use instead of a random draw.
+        generator: source of ``ξ`` when ``noise`` is ``None``.
+
+    Returns:
+        the perturbed points ``(1, D, *spatial_shape)`` in [0, 1] coordinates.
     """
     shape = (1, len(spatial_shape), *spatial_shape)
     if noise is None:
@@ -137,6 +165,7 @@ class GradICONLoss(_InverseConsistencyBase):
             phi_AB: fixed(B)->moving(A) deformation: a DDF ``(B, D, *spatial)`` or a :class:`Deformation`.
             phi_BA: the opposite direction, same form.
             noise: optional ``ξ`` of shape ``(1, D, *spatial)`` to inject instead of drawing it.
+
         Returns:
             the regulariser, reduced over the batch as ``reduction`` says.
         """
@@ -177,7 +206,16 @@ class ICONLoss(_InverseConsistencyBase):
         phi_BA: torch.Tensor | Deformation,
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Same arguments as :meth:`GradICONLoss.forward`."""
+        """
+        Args:
+            phi_AB: fixed(B)->moving(A) deformation: a DDF ``(B, D, *spatial)`` or a :class:`Deformation`.
+            phi_BA: the opposite direction, same form.
+            noise: optional ``ξ`` of shape ``(1, D, *spatial)`` to inject instead of drawing it.
+
+        Returns:
+            ``mean((x − Φ_AB(Φ_BA(x)))²) + mean((x − Φ_BA(Φ_AB(x)))²)`` per sample (means over channels
+            and points, [0, 1] units), reduced over the batch as ``reduction`` says.
+        """
         ab, ba = self._pair(phi_AB, phi_BA)
         ref = ab.fields[0]
         x = perturbed_identity(ab.spatial_shape, ref.dtype, ref.device, 1.0, noise, self.generator)

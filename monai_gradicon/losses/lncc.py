@@ -20,7 +20,17 @@ __all__ = ["LNCCLoss", "gaussian_kernel1d", "gaussian_blur"]
 
 
 def gaussian_kernel1d(kernel_size: int, sigma: float) -> torch.Tensor:
-    """Normalised 1D Gaussian, taps at ``-(k-1)/2 .. (k-1)/2``, built in float32."""
+    """Normalised 1D Gaussian, taps at ``-(k-1)/2 .. (k-1)/2``, built in float32.
+
+    The window of :class:`LNCCLoss` and of the pyramid of the self-adaptive NCC (paper Eq. 7/8).
+
+    Args:
+        kernel_size: number of taps ``k`` (odd in every use here: ``4σ + 1`` or ``2σ + 1``).
+        sigma: standard deviation in taps (voxels).
+
+    Returns:
+        ``(kernel_size,)`` float32 weights summing to 1.
+    """
     half = (kernel_size - 1) * 0.5
     x = torch.linspace(-half, half, steps=kernel_size)
     pdf = torch.exp(-0.5 * (x / sigma).pow(2))
@@ -28,7 +38,19 @@ def gaussian_kernel1d(kernel_size: int, sigma: float) -> torch.Tensor:
 
 
 def gaussian_blur(image: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
-    """Separable depthwise Gaussian blur of ``(B, C, *spatial)`` with zero "same" padding (no border renormalisation)."""
+    """Separable depthwise Gaussian blur of ``(B, C, *spatial)`` with zero "same" padding (no border renormalisation).
+
+    Used for the local means of :class:`LNCCLoss` and the smoothed scales of the self-adaptive NCC
+    pyramid (paper Eq. 7/8). Near the border the zero padding pulls values towards 0.
+
+    Args:
+        image: ``(B, C, *spatial)`` with 1, 2 or 3 spatial axes; each channel is blurred separately.
+        kernel_size: number of taps per axis (odd, so that "same" padding is symmetric).
+        sigma: standard deviation in voxels.
+
+    Returns:
+        the blurred image, same shape and dtype as ``image``.
+    """
     spatial_dims = image.ndim - 2
     conv = (F.conv1d, F.conv2d, F.conv3d)[spatial_dims - 1]
     kernel = gaussian_kernel1d(kernel_size, sigma).to(image.device, image.dtype)
@@ -47,6 +69,10 @@ class LNCCLoss(_Loss):
 
     ``cc = (b(IJ) − b(I)b(J)) / sqrt((relu(b(I²) − b(I)²) + ε)(relu(b(J²) − b(J)²) + ε))``,
     ``b`` a Gaussian blur of ``4σ + 1`` taps, ``ε = 1e-5`` (reference ``icon_registration.LNCC``).
+
+    A local variant of the NCC similarity ``L_sim`` of the paper's objective (Sec. 5.1); the paper's
+    lung experiment uses the self-adaptive NCC instead (Sec. 5.2, A.3), while the released lung and
+    uniGradICON weights were trained with this measure.
 
     Args:
         spatial_dims: 2 or 3.
@@ -77,6 +103,10 @@ class LNCCLoss(_Loss):
         Args:
             pred: warped moving image ``(B, C, *spatial)``.
             target: fixed image, same shape.
+
+        Returns:
+            ``1 − mean(cc)`` per sample (mean over channels and voxels; ``1 − mean(cc²)`` when
+            ``squared``), reduced over the batch as ``reduction`` says.
         """
         check_similarity_inputs(pred, target, self.spatial_dims)
         b = self._blur

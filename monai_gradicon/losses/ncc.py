@@ -12,7 +12,16 @@ __all__ = ["NCCLoss", "standardize", "check_similarity_inputs", "reduce_batch"]
 
 
 def check_similarity_inputs(pred: torch.Tensor, target: torch.Tensor, spatial_dims: int) -> None:
-    """Both ``(B, C, *spatial)`` with ``spatial_dims`` axes and the same shape."""
+    """Check the inputs of a similarity measure ``L_sim(pred, target)`` (paper Sec. 5.1, 5.2).
+
+    Args:
+        pred: warped moving image, must be ``(B, C, *spatial)`` with ``spatial_dims`` spatial axes.
+        target: fixed image, must have the same shape as ``pred``.
+        spatial_dims: 2 or 3.
+
+    Raises:
+        ValueError: wrong rank, or the shapes differ (the message gives both shapes).
+    """
     if pred.ndim != spatial_dims + 2:
         raise ValueError(
             f"pred must be (B, C, {', '.join('HWD'[:spatial_dims])}) for spatial_dims={spatial_dims}, "
@@ -23,7 +32,15 @@ def check_similarity_inputs(pred: torch.Tensor, target: torch.Tensor, spatial_di
 
 
 def reduce_batch(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Apply a MONAI ``LossReduction`` value to a ``(B,)`` tensor."""
+    """Apply a MONAI ``LossReduction`` value to per-sample similarity losses (the ``L_sim`` of paper Sec. 5.1).
+
+    Args:
+        per_sample: ``(B,)`` loss of each pair.
+        reduction: ``"mean"``, ``"sum"``, or anything else (``"none"``) to keep ``per_sample``.
+
+    Returns:
+        a scalar for ``"mean"``/``"sum"``, else ``per_sample`` itself.
+    """
     if reduction == LossReduction.MEAN.value:
         return per_sample.mean()
     if reduction == LossReduction.SUM.value:
@@ -32,7 +49,18 @@ def reduce_batch(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 def standardize(image: torch.Tensor) -> torch.Tensor:
-    """Zero mean, unit (population) standard deviation per sample and channel over the spatial axes."""
+    """Zero mean, unit (population) standard deviation per sample and channel over the spatial axes.
+
+    The normalisation inside the NCC of paper Sec. 5.1 and the ``Ñ CC`` of Eq. 7: the NCC of two images
+    is the mean of the product of their standardised versions. No epsilon is added, so a constant
+    image gives NaN.
+
+    Args:
+        image: ``(B, C, *spatial)``.
+
+    Returns:
+        ``(B, C, *spatial)`` standardised image.
+    """
     axes = tuple(range(2, image.ndim))
     centered = image - image.mean(axes, keepdim=True)
     return centered / torch.sqrt((centered**2).mean(axes, keepdim=True))
@@ -59,6 +87,9 @@ class NCCLoss(_Loss):
         Args:
             pred: warped moving image ``(B, C, *spatial)``.
             target: fixed image, same shape.
+
+        Returns:
+            ``1 − NCC`` per sample (in [0, 2]), reduced over the batch as ``reduction`` says.
         """
         check_similarity_inputs(pred, target, self.spatial_dims)
         per_sample = 1 - (standardize(pred) * standardize(target)).flatten(1).mean(1)

@@ -21,9 +21,12 @@ __all__ = ["GradICONObjective", "ObjectiveTerms"]
 
 @dataclass
 class ObjectiveTerms:
-    """Components of one evaluation of :class:`GradICONObjective` (all tensors).
+    """Components of one evaluation of :class:`GradICONObjective` (all tensors), the terms of the
+    objective of paper Sec. 5.1.
 
-    Attributes:
+    Built by :meth:`GradICONObjective.forward`; each argument is also an attribute of the same name.
+
+    Args:
         total: ``similarity + λ · regularizer``, the scalar to back-propagate.
         similarity: sum of both directions' similarity losses.
         regularizer: the inverse consistency term (before ``λ``).
@@ -42,7 +45,12 @@ class ObjectiveTerms:
     warped_fixed: torch.Tensor
 
     def scalars(self) -> dict[str, float]:
-        """The scalar components as Python floats, for logging."""
+        """The scalar components as Python floats, for logging.
+
+        Returns:
+            ``{"total", "similarity", "regularizer", "transform_magnitude", "folds"}`` -> float (the mean
+            when a component is not a scalar).
+        """
         names = ("total", "similarity", "regularizer", "transform_magnitude", "folds")
         return {n: float(getattr(self, n).detach().mean()) for n in names}
 
@@ -92,6 +100,9 @@ class GradICONObjective(nn.Module):
             phi_AB: network output for (moving=A, fixed=B): DDF or :class:`Deformation`; ``A ∘ Φ_AB ≈ B``.
             phi_BA: network output for (moving=B, fixed=A).
             noise: optional injected perturbation for the regulariser (see :class:`GradICONLoss`).
+
+        Returns:
+            the :class:`ObjectiveTerms`; ``total = similarity + λ · regularizer`` keeps the autograd graph.
         """
         dims = self.regularizer.spatial_dims
         ab = as_deformation(phi_AB, dims, "phi_AB")

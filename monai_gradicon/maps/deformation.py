@@ -42,15 +42,25 @@ class Deformation:
 
     @classmethod
     def from_ddf(cls, ddf: torch.Tensor) -> "Deformation":
-        """Wrap a MONAI DDF (voxel units) as a one-field deformation."""
+        """Wrap a MONAI DDF (voxel units) as a one-field deformation.
+
+        Args:
+            ddf: MONAI DDF ``(B, D, *spatial)`` in voxel units.
+
+        Returns:
+            a :class:`Deformation` with the single field ``ddf / (N_k - 1)`` (per axis, [0, 1] units)
+            on the grid of ``ddf``.
+        """
         return cls([ddf / _voxel_scale(ddf.shape[2:], ddf)])
 
     @property
     def spatial_dims(self) -> int:
+        """Number of spatial axes ``D``."""
         return self.fields[0].shape[1]
 
     @property
     def batch_size(self) -> int:
+        """Largest batch size among the fields (the others are 1 and broadcast)."""
         return max(f.shape[0] for f in self.fields)
 
     def __call__(self, coords: torch.Tensor, is_identity: bool = False) -> torch.Tensor:
@@ -59,6 +69,13 @@ class Deformation:
         ``is_identity=True`` says that ``coords`` is the identity grid of the first field's
         resolution: if the shapes (batch included) agree, the first field is then added without
         interpolation. This mirrors the reference's shortcut; both paths agree to float rounding.
+
+        Args:
+            coords: points ``(B', D, *S')`` in [0, 1] coordinates.
+            is_identity: ``coords`` is the identity grid of ``fields[0]``'s resolution.
+
+        Returns:
+            ``Φ(coords)`` ``(max(B', batch), D, *S')`` in [0, 1] coordinates.
         """
         accumulate_in_place = not torch.is_grad_enabled()  # no autograd graph: reuse one buffer
         out = coords
@@ -71,17 +88,39 @@ class Deformation:
         return out
 
     def compose(self, inner: "Deformation") -> "Deformation":
-        """``self ∘ inner``: ``inner`` acts first; the result keeps ``inner``'s grid."""
+        """``self ∘ inner``: ``inner`` acts first; the result keeps ``inner``'s grid (paper Eq. 6).
+
+        Args:
+            inner: the deformation applied first.
+
+        Returns:
+            a new :class:`Deformation` with ``inner.fields + self.fields``.
+        """
         return Deformation(inner.fields + self.fields, inner.spatial_shape)
 
     def map(self, spatial_shape: Sequence[int] | None = None) -> torch.Tensor:
-        """``Φ(id)`` on the identity grid of ``spatial_shape`` (default: :attr:`spatial_shape`): ``(B', D, *shape)``."""
+        """``Φ(id)`` on the identity grid of ``spatial_shape`` (default: :attr:`spatial_shape`).
+
+        Args:
+            spatial_shape: grid to sample on; ``None`` uses :attr:`spatial_shape`.
+
+        Returns:
+            ``(B', D, *shape)`` in [0, 1] coordinates, ``B'`` the fields' batch size (1 if every field
+            has batch 1).
+        """
         ref = self.fields[0]
         grid = identity_grid(spatial_shape or self.spatial_shape, ref.dtype, ref.device)
         return self(grid, is_identity=True)
 
     def ddf(self, spatial_shape: Sequence[int] | None = None) -> torch.Tensor:
-        """MONAI DDF (voxel units) of ``Φ`` on the grid of ``spatial_shape`` (default: :attr:`spatial_shape`)."""
+        """MONAI DDF (voxel units) of ``Φ`` on the grid of ``spatial_shape`` (default: :attr:`spatial_shape`).
+
+        Args:
+            spatial_shape: grid to sample on; ``None`` uses :attr:`spatial_shape`.
+
+        Returns:
+            ``(batch_size, D, *shape)`` in voxel units of that grid, ``Warp()(moving, ddf) ≈ fixed``.
+        """
         spatial_shape = tuple(spatial_shape or self.spatial_shape)
         ref = self.fields[0]
         grid = identity_grid(spatial_shape, ref.dtype, ref.device)

@@ -31,7 +31,10 @@ def identity_grid(
     Args:
         spatial_shape: ``(N_0, ..., N_{D-1})``, every ``N_k >= 2``.
         dtype: dtype of the returned tensor.
-        device: device of the returned tensor.
+        device: device of the returned tensor (``None``: the default device).
+
+    Returns:
+        the identity map ``(1, D, *spatial_shape)`` with ``D = len(spatial_shape)``.
     """
     shape = [int(s) for s in spatial_shape]
     if any(s < 2 for s in shape):
@@ -46,8 +49,19 @@ def sample(
 ) -> torch.Tensor:
     """Interpolate ``field`` ``(B, C, *S)`` at the points ``coords`` ``(B', D, *S')`` given in [0, 1] coordinates.
 
-    ``align_corners=True`` and border padding: a point outside the image takes the value of the
-    nearest border voxel. A batch of 1 on either side is broadcast to the other's batch.
+    This evaluates ``field`` off the grid in the coordinates of the paper (Sec. 3), e.g. a displacement
+    at ``Φ(x)`` when composing maps. ``align_corners=True``; with the default border padding a point
+    outside the image takes the value of the nearest border voxel. A batch of 1 on either side is
+    broadcast to the other's batch.
+
+    Args:
+        field: values to interpolate, ``(B, C, *S)`` with ``D`` spatial axes (an image or a displacement).
+        coords: the points, ``(B', D, *S')`` in [0, 1] coordinates, channel ``k`` along spatial axis ``k``
+            (0 is the first voxel's centre, 1 the last's).
+        mode: ``"bilinear"`` (``"linear"`` and ``"trilinear"`` are accepted as the same thing; linear in
+            every axis) or ``"nearest"`` (for label maps).
+        padding_mode: value outside the image, passed to ``torch.nn.functional.grid_sample``:
+            ``"border"`` (default), ``"zeros"`` or ``"reflection"``.
 
     Returns:
         ``(max(B, B'), C, *S')``.
@@ -73,13 +87,31 @@ def _voxel_scale(spatial_shape: Sequence[int], like: torch.Tensor) -> torch.Tens
 
 
 def ddf_to_map(ddf: torch.Tensor) -> torch.Tensor:
-    """MONAI DDF (voxel units) -> map ``Φ(id)`` in [0, 1] coordinates, same shape."""
+    """MONAI DDF (voxel units) -> map ``Φ(id)`` in [0, 1] coordinates (paper Sec. 3), same shape.
+
+    Per axis ``Φ_i(id) = id_i + ddf_i / (N_i - 1)``.
+
+    Args:
+        ddf: MONAI DDF ``(B, D, *spatial)`` in voxel units, channel ``i`` along spatial axis ``i``.
+
+    Returns:
+        the map ``Φ(id)`` ``(B, D, *spatial)``: the [0, 1] coordinates each grid point is sent to.
+    """
     shape = ddf.shape[2:]
     return identity_grid(shape, ddf.dtype, ddf.device) + ddf / _voxel_scale(shape, ddf)
 
 
 def map_to_ddf(phi: torch.Tensor) -> torch.Tensor:
-    """Map ``Φ(id)`` in [0, 1] coordinates -> MONAI DDF in voxel units, same shape."""
+    """Map ``Φ(id)`` in [0, 1] coordinates (paper Sec. 3) -> MONAI DDF in voxel units, same shape.
+
+    Per axis ``ddf_i = (Φ_i(id) - id_i) * (N_i - 1)``; the inverse of :func:`ddf_to_map`.
+
+    Args:
+        phi: the map sampled on the identity grid, ``(B, D, *spatial)`` in [0, 1] coordinates.
+
+    Returns:
+        the MONAI DDF ``(B, D, *spatial)`` in voxel units.
+    """
     shape = phi.shape[2:]
     return (phi - identity_grid(shape, phi.dtype, phi.device)) * _voxel_scale(shape, phi)
 
@@ -88,7 +120,17 @@ def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear") -> torc
     """Pull ``image`` back through ``ddf``: ``out(x) = image(x + ddf(x))`` with border padding.
 
     Equal to ``monai.networks.blocks.Warp(mode, padding_mode="border")``; use ``mode="nearest"`` for
-    label maps (no new label values are created).
+    label maps (no new label values are created). With ``ddf = ddf_AB`` this is ``I^A ∘ Φ_AB`` of the
+    paper (Sec. 3), the warped moving image compared with the fixed one.
+
+    Args:
+        image: image ``(B, C, *spatial)`` to resample (the moving image).
+        ddf: MONAI DDF ``(B, D, *spatial)`` in voxel units on the same spatial grid (fixed -> moving
+            coordinates). A batch of 1 on either side is broadcast to the other's batch.
+        mode: ``"bilinear"`` or ``"nearest"``.
+
+    Returns:
+        the warped image ``(B, C, *spatial)`` on the grid of ``ddf``.
     """
     if image.shape[2:] != ddf.shape[2:]:
         raise ValueError(

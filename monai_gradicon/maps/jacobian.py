@@ -18,8 +18,17 @@ def map_jacobian_determinant(phi: torch.Tensor) -> torch.Tensor:
     """Forward-difference Jacobian determinant of a coordinate map ``Φ(id)`` ``(B, D, *spatial)``.
 
     The units are those of ``phi`` (voxels for ``ddf + index grid``; [0, 1] units scale the result
-    by the positive ``Π 1/(N_k − 1)``, which leaves its sign, hence the fold count, unchanged).
-    Returns ``(B, N_0 - 1, ..., N_{D-1} - 1)``.
+    by the positive ``Π 1/(N_k − 1)``, which leaves its sign, hence the fold count of paper Sec. 6–8,
+    unchanged). In 2D the differences are taken at each voxel towards its ``+1`` neighbours; in 3D
+    from the ``-1`` neighbours towards each voxel ``(1:, 1:, 1:)``, as the reference does. The input is
+    detached (no gradient flows).
+
+    Args:
+        phi: the map sampled on a grid, ``(B, 2, H, W)`` or ``(B, 3, H, W, D)``; channel ``k`` is the
+            coordinate along spatial axis ``k``.
+
+    Returns:
+        ``(B, N_0 - 1, ..., N_{D-1} - 1)`` determinants.
     """
     spatial_dims = phi.ndim - 2
     if spatial_dims not in (2, 3) or phi.shape[1] != spatial_dims:
@@ -39,8 +48,14 @@ def map_jacobian_determinant(phi: torch.Tensor) -> torch.Tensor:
 def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
     """``det(I + ∇ddf)`` by forward differences, ``(B, N_0 - 1, ..., N_{D-1} - 1)``; 1 for the identity.
 
+    A negative value marks a fold (paper Sec. 6–8). Computed by :func:`map_jacobian_determinant` on
+    ``ddf + index grid``, i.e. in voxel units.
+
     Args:
         ddf: MONAI DDF ``(B, D, *spatial)`` in voxel units, ``D`` in {2, 3}.
+
+    Returns:
+        ``(B, N_0 - 1, ..., N_{D-1} - 1)`` determinants in the dtype of ``ddf`` (detached).
     """
     spatial_dims = ddf.ndim - 2
     if spatial_dims not in (2, 3):
@@ -53,10 +68,30 @@ def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
 
 
 def fold_count(ddf: torch.Tensor) -> torch.Tensor:
-    """Number of voxels with negative Jacobian determinant, per batch element: ``(B,)`` float."""
+    """Number of voxels with negative Jacobian determinant, per batch element: ``(B,)`` float.
+
+    The "folds" of the knee experiment (paper Sec. 7, Table 1), counted over the
+    ``(N_0 - 1) × ... × (N_{D-1} - 1)`` forward-difference grid of :func:`jacobian_determinant`.
+
+    Args:
+        ddf: MONAI DDF ``(B, D, *spatial)`` in voxel units, ``D`` in {2, 3}.
+
+    Returns:
+        ``(B,)`` fold counts in the dtype of ``ddf``.
+    """
     return (jacobian_determinant(ddf) < 0).flatten(1).sum(1).to(ddf.dtype)
 
 
 def fold_percentage(ddf: torch.Tensor) -> torch.Tensor:
-    """Percentage of voxels with negative Jacobian determinant, per batch element: ``(B,)``."""
+    """Percentage of voxels with negative Jacobian determinant, per batch element: ``(B,)``.
+
+    The ``%|J|`` of the lung experiment (paper Sec. 8) and of Fig. 4d (Sec. 6.2); the denominator is
+    the ``(N_0 - 1) × ... × (N_{D-1} - 1)`` forward-difference grid of :func:`jacobian_determinant`.
+
+    Args:
+        ddf: MONAI DDF ``(B, D, *spatial)`` in voxel units, ``D`` in {2, 3}.
+
+    Returns:
+        ``(B,)`` percentages in [0, 100], in the dtype of ``ddf``.
+    """
     return (jacobian_determinant(ddf) < 0).flatten(1).to(ddf.dtype).mean(1) * 100.0

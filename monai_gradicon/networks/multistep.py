@@ -16,7 +16,7 @@ __all__ = ["MultiStepRegistrationNet", "multistep_network", "four_step_network"]
 
 
 class MultiStepRegistrationNet(nn.Module):
-    """A registration network ``forward(moving, fixed) -> ddf`` made of GradICON steps.
+    """A registration network ``forward(moving, fixed) -> ddf`` made of GradICON steps (paper Eq. 6, Fig. 1).
 
     The returned DDF is in MONAI's convention (voxel units, channel ``i`` along spatial axis ``i``,
     ``align_corners=True``): ``monai.networks.blocks.Warp(padding_mode="border")(moving, ddf) ≈ fixed``.
@@ -37,13 +37,36 @@ class MultiStepRegistrationNet(nn.Module):
         self.min_size = step_min_size(step)
 
     def deformation(self, moving: torch.Tensor, fixed: torch.Tensor) -> Deformation:
-        """``Φ_AB`` for ``A = moving``, ``B = fixed`` as a :class:`~monai_gradicon.maps.Deformation`."""
+        """``Φ_AB`` for ``A = moving``, ``B = fixed`` as a :class:`~monai_gradicon.maps.Deformation`.
+
+        The exact composition of Eq. 6 (one field per sub-network, each at its own resolution), which
+        the GradICON loss (Eq. 2) evaluates off the grid.
+
+        Args:
+            moving: image ``A`` ``(B, in_channels, *spatial)``, every axis at least :attr:`min_size`.
+            fixed: image ``B``, same shape.
+
+        Returns:
+            the deformation, on the grid of ``moving``.
+
+        Raises:
+            ValueError: the pair has the wrong rank, channel count or shape, is too small, or holds NaN/inf.
+        """
         check_image_pair(moving, fixed, self.spatial_dims, self.in_channels, self.min_size)
         phi = self.step(moving, fixed)
         return Deformation(phi.fields, moving.shape[2:])
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        """DDF ``(B, D, *spatial)`` in voxel units such that ``moving ∘ (id + ddf) ≈ fixed``."""
+        """DDF ``(B, D, *spatial)`` in voxel units such that ``moving ∘ (id + ddf) ≈ fixed``.
+
+        Args:
+            moving: image ``A`` ``(B, in_channels, *spatial)``, every axis at least :attr:`min_size`.
+            fixed: image ``B``, same shape.
+
+        Returns:
+            MONAI DDF ``(B, D, *spatial)`` in voxel units: :meth:`deformation` sampled on the grid of
+            ``moving`` (``Warp()(moving, ddf) ≈ fixed``).
+        """
         return self.deformation(moving, fixed).ddf()
 
 
@@ -67,6 +90,13 @@ def multistep_network(
         in_channels: channels of each input image.
         subnetwork: factory for each step's network ``(moving, fixed) -> displacement in [0, 1] units``;
             default :class:`GradICONUNet` (the reference ``tallUNet2``).
+
+    Returns:
+        the :class:`MultiStepRegistrationNet`; its :attr:`~MultiStepRegistrationNet.min_size` is the
+        smallest input size per axis.
+
+    Raises:
+        ValueError: ``spatial_dims`` is not 2 or 3, or ``levels`` is empty, negative or increasing.
     """
     check_spatial_dims(spatial_dims)
     levels = [int(v) for v in levels]
@@ -89,6 +119,16 @@ def four_step_network(spatial_dims: int = 3, include_last_step: bool = True) -> 
     """The layout of the released knee (Sec. A.2), lung (Sec. A.3), brain and uniGradICON models.
 
     Quarter-, half- and full-resolution U-Nets, plus a second full-resolution U-Net when
-    ``include_last_step`` (the 3-step net is the first training stage of the reference recipe).
+    ``include_last_step`` (the 3-step net is the first training stage of the reference recipe). Same as
+    ``multistep_network(spatial_dims, (2, 1, 0, 0))`` (Eq. 6 with default :class:`GradICONUNet` steps).
+    In 3D the input needs at least 65 voxels per axis.
+
+    Args:
+        spatial_dims: 2 or 3 (the released models are 3D).
+        include_last_step: add the second full-resolution U-Net (levels ``(2, 1, 0, 0)``; else ``(2, 1, 0)``).
+
+    Returns:
+        the :class:`MultiStepRegistrationNet`, with the state-dict layout of the released weights
+        (when ``include_last_step`` and ``spatial_dims=3``).
     """
     return multistep_network(spatial_dims, (2, 1, 0, 0) if include_last_step else (2, 1, 0))

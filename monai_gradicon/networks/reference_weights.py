@@ -52,6 +52,20 @@ def convert_reference_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Translate a reference ``regis_net`` state dict into ``network``'s keys.
 
+    The reference's ``TwoStepRegistration``/``DownsampleRegistration``/``FunctionFromVectorField`` tree
+    is the same Eq. 6 composition as our :class:`CompositionStep`/:class:`DownsampleStep`/
+    :class:`DisplacementStep` tree (paper Sec. 5.1; released models: Sec. A.2, A.3), so every key has
+    one counterpart. A ``regis_net.`` prefix is stripped and persisted ``identity_map`` buffers are skipped.
+
+    Args:
+        state_dict: the reference checkpoint (``name -> tensor``), with or without the ``regis_net.`` prefix.
+        network: the network to load into; its layout must match (e.g. ``four_step_network(3)`` for the
+            released knee/lung/uniGradICON weights).
+
+    Returns:
+        a state dict with ``network``'s keys and the reference's tensors (not copied), ready for
+        ``network.load_state_dict(..., strict=True)``.
+
     Raises:
         ValueError: naming every reference key that has no place in ``network`` and every parameter
             of ``network`` that the state dict does not fill.
@@ -80,6 +94,21 @@ def load_reference_weights(
     network: MultiStepRegistrationNet, source: str | os.PathLike | Mapping[str, torch.Tensor]
 ) -> MultiStepRegistrationNet:
     """Load a reference checkpoint (path or state dict) into ``network`` strictly; returns ``network``.
+
+    For the released GradICON models of the paper (knee, Sec. A.2; lung, Sec. A.3) and uniGradICON.
+    A file is read with ``torch.load(..., map_location="cpu", weights_only=True)``; the keys are
+    translated by :func:`convert_reference_state_dict`.
+
+    Args:
+        network: the network to fill (in place), e.g. ``four_step_network(3)``.
+        source: path of a reference ``.trch``/``.pt`` state-dict file, or the state dict itself.
+
+    Returns:
+        ``network``, with the reference weights loaded.
+
+    Raises:
+        FileNotFoundError: ``source`` is a path that does not exist.
+        ValueError: ``source`` is not a state dict, or it does not match ``network``'s layout.
 
     Example::
 

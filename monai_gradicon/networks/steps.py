@@ -23,13 +23,31 @@ __all__ = ["DisplacementStep", "DownsampleStep", "CompositionStep", "step_min_si
 
 
 class DisplacementStep(nn.Module):
-    """``Φ = Id + net(moving, fixed)``; ``net`` returns a ``(B, D, *spatial)`` displacement in [0, 1] units."""
+    """``Φ = Id + net(moving, fixed)``; ``net`` returns a ``(B, D, *spatial)`` displacement in [0, 1] units.
+
+    The *estimating* operation of a sub-network (paper Sec. 5.1, Eq. 6): ``Φ^{A_i B_i} = u^{A_i B_i} + Id``.
+
+    Args:
+        net: the sub-network ``(moving, fixed) -> u`` (e.g. :class:`~monai_gradicon.networks.GradICONUNet`);
+            ``u`` must have the batch and spatial shape of ``moving``.
+    """
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> Deformation:
+        """
+        Args:
+            moving: image ``(B, C, *spatial)`` at this step's resolution.
+            fixed: image, same shape.
+
+        Returns:
+            the one-field :class:`~monai_gradicon.maps.Deformation` ``Id + u`` on the grid of ``moving``.
+
+        Raises:
+            ValueError: ``net`` returned a displacement of the wrong batch or spatial shape.
+        """
         displacement = self.net(moving, fixed)
         if displacement.shape[0] != moving.shape[0] or displacement.shape[2:] != moving.shape[2:]:
             raise ValueError(
@@ -41,7 +59,15 @@ class DisplacementStep(nn.Module):
 
 
 class DownsampleStep(nn.Module):
-    """Run ``step`` on both images average-pooled by 2 (``ceil_mode=True``)."""
+    """Run ``step`` on both images average-pooled by 2 (``ceil_mode=True``).
+
+    The *downsampling* operation of a sub-network (paper Sec. 5.1, Eq. 6: ``I^{A_i}``, ``I^{B_i}``). The
+    inner step's deformation is in [0, 1] coordinates, so it applies unchanged at full resolution.
+
+    Args:
+        step: the step to run at half resolution (any step of this module).
+        spatial_dims: 2 or 3 (selects ``avg_pool2d`` or ``avg_pool3d``).
+    """
 
     def __init__(self, step: nn.Module, spatial_dims: int) -> None:
         super().__init__()
@@ -49,12 +75,29 @@ class DownsampleStep(nn.Module):
         self.spatial_dims = spatial_dims
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> Deformation:
+        """
+        Args:
+            moving: image ``(B, C, *spatial)``.
+            fixed: image, same shape.
+
+        Returns:
+            the :class:`~monai_gradicon.maps.Deformation` of ``step`` on the pooled pair (its fields
+            live on the pooled grid, ``ceil(N/2)`` per axis).
+        """
         pool = (F.avg_pool2d, F.avg_pool3d)[self.spatial_dims - 2]
         return self.step(pool(moving, 2, ceil_mode=True), pool(fixed, 2, ceil_mode=True))
 
 
 class CompositionStep(nn.Module):
-    """``Φ = Φ_first ∘ Φ_second`` with ``Φ_second = second(moving ∘ Φ_first, fixed)`` (paper Eq. 6)."""
+    """``Φ = Φ_first ∘ Φ_second`` with ``Φ_second = second(moving ∘ Φ_first, fixed)`` (paper Eq. 6).
+
+    The *warping* and *composing* operations of Sec. 5.1; in :func:`~monai_gradicon.networks.multistep_network`
+    ``first`` is the coarser part of the chain and ``second`` refines the remaining misalignment.
+
+    Args:
+        first: step run on the original pair.
+        second: step run on ``(moving warped by Φ_first, fixed)``.
+    """
 
     def __init__(self, first: nn.Module, second: nn.Module) -> None:
         super().__init__()
@@ -62,6 +105,15 @@ class CompositionStep(nn.Module):
         self.second = second
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> Deformation:
+        """
+        Args:
+            moving: image ``(B, C, *spatial)``.
+            fixed: image, same shape.
+
+        Returns:
+            the :class:`~monai_gradicon.maps.Deformation` ``Φ_first ∘ Φ_second`` (``Φ_second`` acts
+            first on a point), on the grid of ``moving``.
+        """
         phi = self.first(moving, fixed)
         grid = identity_grid(moving.shape[2:], moving.dtype, moving.device)
         warped = sample(moving, phi(grid, is_identity=True))
@@ -70,7 +122,21 @@ class CompositionStep(nn.Module):
 
 
 def step_min_size(step: nn.Module) -> int:
-    """Smallest spatial size every axis of the input may have for ``step`` to run."""
+    """Smallest spatial size every axis of the input may have for ``step`` to run.
+
+    Follows the steps of Eq. 6: a :class:`DownsampleStep` around an inner step needing ``m`` voxels needs
+    ``2m - 1`` (pooling uses ``ceil_mode``); a :class:`CompositionStep` needs the larger of its two; a
+    :class:`DisplacementStep` needs its network's ``min_size`` attribute (default 2), at least 2.
+
+    Args:
+        step: a :class:`DisplacementStep`, :class:`DownsampleStep` or :class:`CompositionStep` tree.
+
+    Returns:
+        the minimum size per spatial axis.
+
+    Raises:
+        ValueError: ``step`` (or a step inside it) is none of these three classes.
+    """
     if isinstance(step, DisplacementStep):
         return max(2, int(getattr(step.net, "min_size", 2)))
     if isinstance(step, DownsampleStep):

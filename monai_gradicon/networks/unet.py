@@ -33,6 +33,9 @@ def _match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
 class GradICONUNet(nn.Module):
     """U-Net predicting a displacement field in [0, 1] units from a (moving, fixed) pair.
 
+    The sub-network ``F^i_θ`` of each step of paper Eq. 6 (Sec. 5.1: "estimating ``u`` via a U-Net"),
+    the ``tallUNet2`` of the ICON repository that Sec. A.2.1 and A.3.1 adopt.
+
     Args:
         spatial_dims: 2 or 3.
         in_channels: channels of each input image (the network sees ``2 * in_channels``).
@@ -79,7 +82,16 @@ class GradICONUNet(nn.Module):
         self.min_size = 2 ** (self.num_layers - 1) + 1 if spatial_dims == 3 else 1
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        """Displacement ``(B, D, *spatial)`` in [0, 1] units for the pair (same shape inputs)."""
+        """Displacement ``(B, D, *spatial)`` in [0, 1] units for the pair (same shape inputs).
+
+        Args:
+            moving: image ``(B, in_channels, *spatial)``.
+            fixed: image, same shape.
+
+        Returns:
+            the displacement ``u`` ``(B, D, *spatial)`` in [0, 1] units, channel ``k`` along spatial
+            axis ``k`` (all zeros before training).
+        """
         x = torch.cat([moving, fixed], dim=1)
         skips = []
         for conv in self.down_convs:

@@ -14,7 +14,20 @@ __all__ = ["read_landmarks", "LandmarksToGridd"]
 
 
 def read_landmarks(source: str | np.ndarray | torch.Tensor) -> np.ndarray:
-    """Landmarks ``(N, 3)`` from a whitespace/comma separated text file (one point per line) or an array."""
+    """Landmarks ``(N, 3)`` from a whitespace separated text file (one point per line) or an array.
+
+    Used for the DirLab landmarks of the mTRE evaluation (paper Sec. 8).
+
+    Args:
+        source: path of a text file with three numbers per line (``numpy.loadtxt``, surrounding spaces
+            in the path are stripped), or an ``(N, 3)`` array / tensor.
+
+    Returns:
+        float64 array ``(N, 3)``, the values as given (no index base or unit conversion).
+
+    Raises:
+        ValueError: the file cannot be read, or the table is not ``(N, 3)`` with ``N >= 1``.
+    """
     if isinstance(source, (np.ndarray, torch.Tensor)):
         points = np.asarray(source, dtype=np.float64)
     else:
@@ -36,8 +49,10 @@ class LandmarksToGridd(MapTransform):
     :class:`~monai_gradicon.engines.LandmarkTREMetric`.
 
     Args:
-        fixed_key, moving_key: image keys (``MetaTensor`` s from ``LoadImaged``).
-        fixed_landmarks_key, moving_landmarks_key: keys of landmark files / arrays in file voxel order.
+        fixed_key: key of the fixed image (a ``MetaTensor`` from ``LoadImaged``).
+        moving_key: key of the moving image, same kind.
+        fixed_landmarks_key: key of the fixed landmarks (file or array, voxel indices of the fixed file).
+        moving_landmarks_key: key of the moving landmarks, same kind, same count.
         output_key: where to store the result.
         one_based: the landmark indices start at 1 (DirLab).
     """

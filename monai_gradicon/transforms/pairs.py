@@ -34,6 +34,7 @@ class CheckPaird(MapTransform):
         spatial_dims: 2 or 3.
         channels: required channel count of each image (``None``: not checked).
         min_size: smallest allowed spatial size per axis (the network's ``min_size``).
+        allow_missing_keys: skip keys absent from the item instead of raising (MONAI ``MapTransform``).
     """
 
     def __init__(
@@ -87,7 +88,8 @@ class WarpWithDDFd(MapTransform):
         output_keys: where to store each result (same length as ``keys``).
         mode: ``"bilinear"`` or ``"nearest"`` (labels), one or one per key.
         reference_key: image whose affine the results get (they live on the fixed grid); ``None`` keeps
-            the source image's meta data unchanged.
+            the source image's affine (``spatial_shape`` in the meta data is still updated).
+        allow_missing_keys: skip image keys absent from the item instead of raising (the DDF must be present).
 
     Results are ``MetaTensor`` s carrying the source image's meta data (file name), so ``SaveImaged``
     can write them.
@@ -144,6 +146,7 @@ class NamePaird(MapTransform):
     Args:
         keys: image keys, e.g. ``["moving", "fixed"]``.
         prefix: name prefix.
+        allow_missing_keys: skip keys absent from the item instead of raising (MONAI ``MapTransform``).
     """
 
     def __init__(self, keys: KeysCollection, prefix: str = "pair", allow_missing_keys: bool = False) -> None:

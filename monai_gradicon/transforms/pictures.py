@@ -21,7 +21,10 @@ class SaveOverviewPNGd(MapTransform):
 
     Args:
         output_dir: folder of the PNG files (created).
-        moving_key, fixed_key, warped_key, ddf_key: keys of the decollated item.
+        moving_key: key of the moving image ``(C, *spatial)`` in the decollated item.
+        fixed_key: key of the fixed image.
+        warped_key: key of the warped moving image (e.g. from :class:`~monai_gradicon.transforms.WarpWithDDFd`).
+        ddf_key: key of the DDF ``(D, *spatial)`` (the network's ``pred``).
         prefix: file name prefix.
     """
 
