@@ -21,6 +21,8 @@ setup(
         "numpy",
         "matplotlib",
         "tqdm",
+        "h5py",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest"], "itk": ["itk", "SimpleITK"]},
+    entry_points={"console_scripts": ["monai-gradicon=monai_gradicon.cli:main"]},
 )

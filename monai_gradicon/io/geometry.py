@@ -1,0 +1,69 @@
+"""Voxel <-> physical coordinates, and the RAS (NIfTI, nibabel, MONAI) <-> LPS (ITK) conversion.
+
+MONAI's ``LoadImage`` and nibabel describe an image by a ``(D+1, D+1)`` affine that maps a voxel index
+``(i, j, k)`` to a point in **RAS** millimetres (x to the right, y anterior, z superior). ITK, SimpleITK
+and 3D Slicer's transform files use **LPS** (x to the left, y posterior): the first two coordinates
+change sign. Everything in this package computes in RAS and converts only at the ITK boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["ras_to_lps_matrix", "apply_affine", "ItkGeometry", "itk_geometry"]
+
+
+def ras_to_lps_matrix(spatial_dims: int) -> np.ndarray:
+    """``diag(-1, -1, 1...)`` of size ``spatial_dims``; it is its own inverse (LPS <-> RAS)."""
+    flip = np.ones(spatial_dims)
+    flip[: min(2, spatial_dims)] = -1.0
+    return np.diag(flip)
+
+
+def apply_affine(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Map ``points`` ``(..., D)`` through the homogeneous ``(D+1, D+1)`` ``affine``."""
+    affine = np.asarray(affine, dtype=np.float64)
+    dims = affine.shape[0] - 1
+    return points @ affine[:dims, :dims].T + affine[:dims, dims]
+
+
+@dataclass(frozen=True)
+class ItkGeometry:
+    """An image grid as ITK describes it: ``p_LPS = origin + direction · diag(spacing) · index``.
+
+    Attributes:
+        size: voxels per index axis ``(n_i, n_j, n_k)`` (ITK order, fastest axis first).
+        origin: LPS position of voxel ``(0, 0, 0)`` in mm.
+        spacing: voxel size per index axis in mm (positive).
+        direction: ``(D, D)`` orthonormal direction cosines (columns = index axes) in LPS.
+    """
+
+    size: tuple[int, ...]
+    origin: np.ndarray
+    spacing: np.ndarray
+    direction: np.ndarray
+
+
+def itk_geometry(affine_ras: np.ndarray, spatial_shape: tuple[int, ...]) -> ItkGeometry:
+    """The ITK description of a grid given by its RAS voxel-to-world affine (as MONAI/nibabel give it).
+
+    Raises:
+        ValueError: if the affine is singular (a zero voxel size).
+    """
+    affine_ras = np.asarray(affine_ras, dtype=np.float64)
+    dims = affine_ras.shape[0] - 1
+    if len(spatial_shape) != dims:
+        raise ValueError(f"affine is for {dims}D images but the grid has shape {tuple(spatial_shape)}.")
+    flip = ras_to_lps_matrix(dims)
+    linear = flip @ affine_ras[:dims, :dims]
+    spacing = np.linalg.norm(linear, axis=0)
+    if np.any(spacing <= 0):
+        raise ValueError(f"the image affine is singular (voxel sizes {spacing.tolist()}); cannot place it in space.")
+    return ItkGeometry(
+        size=tuple(int(n) for n in spatial_shape),
+        origin=flip @ affine_ras[:dims, dims],
+        spacing=spacing,
+        direction=linear / spacing,
+    )

@@ -1,0 +1,26 @@
+"""Registration metrics: landmark TRE in mm, Dice of warped labels, per-folder evaluation.
+
+Folds (negative Jacobian determinants) come from :func:`monai_gradicon.maps.fold_count`.
+"""
+
+from .dice import label_dice, mean_label_dice
+from .evaluate import evaluate_pairs, evaluate_registration
+from .landmarks import (
+    PhysicalDisplacementField,
+    landmarks_to_physical,
+    read_landmarks,
+    target_registration_error,
+    tre_summary,
+)
+
+__all__ = [
+    "read_landmarks",
+    "landmarks_to_physical",
+    "PhysicalDisplacementField",
+    "target_registration_error",
+    "tre_summary",
+    "label_dice",
+    "mean_label_dice",
+    "evaluate_pairs",
+    "evaluate_registration",
+]

@@ -1,0 +1,107 @@
+"""Reading images with their affine and writing displacement fields / ITK transforms (RAS <-> LPS)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from registration_helpers import oblique_affine, save
+
+
+def test_load_image_keeps_array_order_and_affine(tmp_path):
+    from monai_gradicon.io import load_image
+
+    affine = oblique_affine()
+    data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    image = load_image(save(str(tmp_path / "a.nii.gz"), data, affine), spatial_dims=3)
+    assert image.spatial_shape == (4, 5, 6)
+    np.testing.assert_allclose(image.affine, affine, atol=1e-5)
+    np.testing.assert_array_equal(image.array[0].numpy(), data)
+    np.testing.assert_allclose(image.spacing, [1.2, 0.9, 2.5], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        ("missing", "file not found"),
+        ("text", "could not read"),
+        ("nan", "NaN/inf"),
+        ("2d", "is a 2D image"),
+    ],
+)
+def test_load_image_rejects_bad_files_with_clear_messages(tmp_path, setup, message):
+    from monai_gradicon.io import ImageReadError, load_image
+
+    path = str(tmp_path / "x.nii.gz")
+    if setup == "text":
+        (tmp_path / "x.nii.gz").write_text("not an image")
+    elif setup == "nan":
+        data = np.ones((5, 5, 5), np.float32)
+        data[2, 2, 2] = np.nan
+        save(path, data, np.eye(4))
+    elif setup == "2d":
+        save(path, np.ones((8, 9), np.float32), np.eye(4))
+    with pytest.raises(ImageReadError, match=message):
+        load_image(path, "moving image", spatial_dims=3)
+
+
+def test_itk_geometry_converts_ras_to_lps():
+    from monai_gradicon.io import itk_geometry
+
+    affine = oblique_affine()
+    geometry = itk_geometry(affine, (4, 5, 6))
+    np.testing.assert_allclose(geometry.spacing, [1.2, 0.9, 2.5])
+    np.testing.assert_allclose(geometry.origin, [20.0, -14.0, 7.5])  # x and y change sign
+    np.testing.assert_allclose(geometry.direction @ geometry.direction.T, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(geometry.direction[2], (affine[:3, :3] / [1.2, 0.9, 2.5])[2])
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_displacement_files_round_trip(tmp_path, dims):
+    from monai_gradicon.io import (
+        read_displacement_nifti,
+        read_itk_displacement_transform,
+        write_displacement_nifti,
+        write_itk_displacement_transform,
+    )
+
+    rng = np.random.default_rng(dims)
+    shape = (5, 6, 7)[:dims]
+    field = rng.normal(size=(dims, *shape))
+    affine = np.eye(dims + 1)
+    affine[:dims, :dims] = np.diag(rng.uniform(0.5, 2.0, dims))
+    affine[:dims, dims] = rng.normal(size=dims)
+    write_displacement_nifti(field, affine, tmp_path / "u.nii.gz")
+    back, back_affine = read_displacement_nifti(tmp_path / "u.nii.gz")
+    np.testing.assert_allclose(back, field, atol=1e-6)
+    np.testing.assert_allclose(back_affine, affine, atol=1e-6)
+    write_itk_displacement_transform(field, affine, tmp_path / "t.h5")
+    back, back_affine = read_itk_displacement_transform(tmp_path / "t.h5")
+    np.testing.assert_allclose(back, field, atol=1e-12)
+    np.testing.assert_allclose(back_affine, affine, atol=1e-12)
+
+
+def test_itk_reads_our_2d_transform(tmp_path):
+    sitk = pytest.importorskip("SimpleITK")
+    from monai_gradicon.io import write_itk_displacement_transform
+
+    field = np.zeros((2, 4, 5))
+    field[0] += 1.5  # +1.5 mm along RAS x = -1.5 mm along LPS x
+    field[1] -= 0.5
+    write_itk_displacement_transform(field, np.diag([2.0, 3.0, 1.0]), tmp_path / "t2.h5")
+    transform = sitk.ReadTransform(str(tmp_path / "t2.h5"))
+    point = np.array([-2.0, -3.0])  # RAS (2, 3) -> LPS (-2, -3), voxel (1, 1)
+    np.testing.assert_allclose(transform.TransformPoint(point.tolist()), point + [-1.5, 0.5], atol=1e-9)
+
+
+def test_pair_geometry_round_trip_and_corners():
+    from monai_gradicon.register import PairGeometry
+
+    geometry = PairGeometry((10, 12, 7), (20, 24, 30), reverse_axes=True)
+    index = torch.tensor([[0.0, 0.0, 0.0], [9.0, 11.0, 6.0], [3.5, 2.0, 4.0]], dtype=torch.float64)
+    unit = geometry.index_to_unit(index)
+    assert unit.shape == (1, 3, 3, 1, 1)
+    # network axis 0 is file axis 2 (reversed); align_corners=False resize: voxel 0 at (0.5 N/S - 0.5)/(N - 1)
+    assert abs(float(unit[0, 0, 0]) - (0.5 * 20 / 7 - 0.5) / 19) < 1e-12
+    np.testing.assert_allclose(geometry.unit_to_index(unit).numpy(), index.numpy(), atol=1e-12)
