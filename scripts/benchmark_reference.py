@@ -3,7 +3,9 @@
 Figures (CPU, same inputs and weights for both):
 
 * ``gradicon_loss_fwd_bwd_64``: the GradICON regulariser (Eq. 2) forward + backward on two random
-  3D displacement fields, 1×3×64³;
+  3D displacement fields, 1×3×64³, given in [0, 1] units to both (as our networks hand them over);
+* ``gradicon_loss_ddf_input_fwd_bwd_64``: the same, ours fed MONAI DDFs in voxel units (the mix-in
+  route, which pays for the unit conversion);
 * ``knee_4step_forward_80x192x192``: the 4-step knee network (quarter/half/full/full U-Nets) forward at
   1×1×80×192×192 in eval mode, up to the dense map/DDF.
 
@@ -31,6 +33,7 @@ import icon_registration.network_wrappers as icon_wrappers  # noqa: E402
 from reference_oracle import reference_loss, reference_network  # noqa: E402
 
 from monai_gradicon.losses import GradICONLoss  # noqa: E402
+from monai_gradicon.maps import Deformation  # noqa: E402
 from monai_gradicon.networks import four_step_network, load_reference_weights  # noqa: E402
 
 
@@ -88,7 +91,11 @@ def bench_loss(size: int, repeats: int):
 
     ours = GradICONLoss(3)
 
-    def run_ours():
+    def run_ours():  # the same [0, 1]-unit displacements the reference gets (what our networks produce)
+        disp_AB.grad = disp_BA.grad = None
+        ours(Deformation([disp_AB]), Deformation([disp_BA])).backward()
+
+    def run_ours_ddf():  # the mix-in route: MONAI DDFs in voxel units, converted inside the loss
         disp_AB.grad = disp_BA.grad = None
         ours(disp_AB * scale, disp_BA * scale).backward()
 
@@ -108,7 +115,7 @@ def bench_loss(size: int, repeats: int):
     ref_value = model.compute_gradient_icon_loss(ffvf_AB(image, image), ffvf_BA(image, image))
     ours_value = GradICONLoss(3, generator=torch.Generator().manual_seed(3))(disp_AB * scale, disp_BA * scale)
     torch.testing.assert_close(ours_value, ref_value, rtol=1e-4, atol=0)
-    return measure(run_ours, run_reference, repeats)
+    return measure(run_ours, run_reference, repeats), measure(run_ours_ddf, run_reference, repeats)
 
 
 def bench_network(shape, repeats: int):
@@ -151,8 +158,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     loss_size, net_shape = (24, (65, 65, 65)) if args.quick else (64, (80, 192, 192))
     rows = []
-    (t_o, m_o), (t_r, m_r) = bench_loss(loss_size, args.repeats)
+    ((t_o, m_o), (t_r, m_r)), ((t_d, m_d), (t_r2, m_r2)) = bench_loss(loss_size, args.repeats)
     rows.append((f"gradicon_loss_fwd_bwd_{loss_size}", t_o, t_r, m_o, m_r))
+    rows.append((f"gradicon_loss_ddf_input_fwd_bwd_{loss_size}", t_d, t_r2, m_d, m_r2))
     (t_o, m_o), (t_r, m_r) = bench_network(net_shape, args.repeats)
     rows.append((f"knee_4step_forward_{'x'.join(map(str, net_shape))}", t_o, t_r, m_o, m_r))
     for name, t_o, t_r, m_o, m_r in rows:

@@ -16,7 +16,7 @@ import torch
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
-from ..maps import Deformation, identity_grid
+from ..maps import Deformation, shared_identity_grid
 from ..validation import check_ddf, check_spatial_dims
 
 __all__ = ["GradICONLoss", "ICONLoss", "as_deformation", "perturbed_identity"]
@@ -80,7 +80,7 @@ def perturbed_identity(
         raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}.")
     noise = noise.to(device)
     # (ξ · factor) / W in ξ's dtype, then added to the grid: the reference's exact order of rounding.
-    return identity_grid(spatial_shape, dtype, device) + noise * std_factor / spatial_shape[-1]
+    return shared_identity_grid(spatial_shape, dtype, device) + noise * std_factor / spatial_shape[-1]
 
 
 class _InverseConsistencyBase(_Loss):
@@ -175,16 +175,16 @@ class GradICONLoss(_InverseConsistencyBase):
         x = perturbed_identity(shape, ref.dtype, ref.device, 2.0 if self.sparse else 1.0, noise, self.generator)
         if self.sparse:
             x = x[(slice(None), slice(None)) + (slice(None, None, 2),) * self.spatial_dims]
-        d = self.spatial_dims
-        # one evaluation of Φ_AB∘Φ_BA for x and its D shifted copies, stacked along the last axis
-        # x and its D shifted copies side by side along the last axis: one evaluation of Φ_AB∘Φ_BA for all
+        # E(x) = x − Φ_AB(Φ_BA(x)) at x and at x + δ e_k, one direction at a time so that only one set of
+        # temporaries is alive; each result is written into its fresh composed tensor (−c + p == p − c exactly)
         step = torch.tensor(self.delta, dtype=torch.float32, device=x.device)
-        points = x.repeat(1, 1, *([1] * (d - 1)), d + 1)
-        for k, copy in enumerate(points.chunk(d + 1, dim=-1)[1:]):
-            copy[:, k] += step  # x + δ e_k, rounded as the reference rounds it
-        error = points - ab(ba(points))
-        errors = error.chunk(d + 1, dim=-1)
-        per_sample = sum(_per_sample_mean(((errors[0] - errors[k + 1]) / self.delta) ** 2) for k in range(d))
+        error = ab(ba(x)).neg_().add_(x)
+        per_sample = 0
+        for k in range(self.spatial_dims):
+            shifted = x.clone()
+            shifted[:, k] += step  # x + δ e_k, rounded as the reference rounds it
+            difference = ab(ba(shifted)).neg_().add_(shifted).neg_().add_(error)  # E(x) − E(x + δ e_k)
+            per_sample = per_sample + _per_sample_mean(difference.div_(self.delta).square())
         return self._reduce(per_sample)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..maps import Deformation, identity_grid, map_jacobian_determinant, sample
+from ..maps import Deformation, map_jacobian_determinant, sample, shared_identity_grid
 from .inverse_consistency import GradICONLoss, ICONLoss, as_deformation
 
 __all__ = ["GradICONObjective", "ObjectiveTerms"]
@@ -112,7 +112,7 @@ class GradICONObjective(nn.Module):
                 f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} must have the same shape, on the "
                 f"deformation grid {ab.spatial_shape}."
             )
-        grid = identity_grid(ab.spatial_shape, moving.dtype, moving.device)
+        grid = shared_identity_grid(ab.spatial_shape, moving.dtype, moving.device)
         map_AB = ab(grid, is_identity=True)
         map_BA = ba(grid, is_identity=True)
         warped_moving = sample(moving, map_AB)

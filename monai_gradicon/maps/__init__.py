@@ -1,13 +1,14 @@
 """Deformations: identity grids, DDF <-> map conversion, composition, warping, Jacobians."""
 
 from .deformation import Deformation
-from .grid import ddf_to_map, identity_grid, map_to_ddf, sample, warp
+from .grid import ddf_to_map, identity_grid, map_to_ddf, sample, shared_identity_grid, warp
 from .jacobian import fold_count, fold_percentage, jacobian_determinant, map_jacobian_determinant
 
 __all__ = [
     "Deformation",
     "ddf_to_map",
     "identity_grid",
+    "shared_identity_grid",
     "map_to_ddf",
     "sample",
     "warp",

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .grid import _voxel_scale, identity_grid, sample
+from .grid import _voxel_scale, shared_identity_grid, sample
 
 __all__ = ["Deformation"]
 
@@ -75,16 +75,16 @@ class Deformation:
             is_identity: ``coords`` is the identity grid of ``fields[0]``'s resolution.
 
         Returns:
-            ``Φ(coords)`` ``(max(B', batch), D, *S')`` in [0, 1] coordinates.
+            ``Φ(coords)`` ``(max(B', batch), D, *S')`` in [0, 1] coordinates, always a new tensor.
         """
-        accumulate_in_place = not torch.is_grad_enabled()  # no autograd graph: reuse one buffer
         out = coords
         for k, field in enumerate(self.fields):
-            step = field if k == 0 and is_identity and coords.shape == field.shape else sample(field, out)
-            if accumulate_in_place and out is not coords and out.shape == step.shape:
-                out.add_(step)
+            if k == 0 and is_identity and coords.shape == field.shape:
+                out = out + field
             else:
-                out = out + step
+                # the interpolated values are a fresh tensor that autograd does not keep: add into it
+                # (x + u == u + x exactly, so this is the reference's sum, with one buffer fewer)
+                out = sample(field, out).add_(out)
         return out
 
     def compose(self, inner: "Deformation") -> "Deformation":
@@ -109,7 +109,7 @@ class Deformation:
             has batch 1).
         """
         ref = self.fields[0]
-        grid = identity_grid(spatial_shape or self.spatial_shape, ref.dtype, ref.device)
+        grid = shared_identity_grid(spatial_shape or self.spatial_shape, ref.dtype, ref.device)
         return self(grid, is_identity=True)
 
     def ddf(self, spatial_shape: Sequence[int] | None = None) -> torch.Tensor:
@@ -123,11 +123,11 @@ class Deformation:
         """
         spatial_shape = tuple(spatial_shape or self.spatial_shape)
         ref = self.fields[0]
-        grid = identity_grid(spatial_shape, ref.dtype, ref.device)
-        phi = self(grid, is_identity=True)
+        grid = shared_identity_grid(spatial_shape, ref.dtype, ref.device)
+        phi = self(grid, is_identity=True)  # a fresh tensor
         if phi.shape[0] != self.batch_size:
             phi = phi.expand(self.batch_size, *phi.shape[1:])
         scale = _voxel_scale(spatial_shape, phi)
-        if not torch.is_grad_enabled() and phi is not grid and phi.shape[0] == self.fields[0].shape[0] == self.batch_size:
-            return phi.sub_(grid).mul_(scale)  # phi is our own fresh buffer
+        if not torch.is_grad_enabled() and phi.shape[0] == self.fields[0].shape[0] == self.batch_size:
+            return phi.sub_(grid).mul_(scale)  # not expanded, no graph: reuse its buffer
         return (phi - grid) * scale

@@ -12,6 +12,7 @@ They convert per axis as ``ddf_i = (Φ_i(id) - id_i) * (N_i - 1)``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -36,12 +37,34 @@ def identity_grid(
     Returns:
         the identity map ``(1, D, *spatial_shape)`` with ``D = len(spatial_shape)``.
     """
-    shape = [int(s) for s in spatial_shape]
-    if any(s < 2 for s in shape):
-        raise ValueError(f"identity_grid needs every spatial size >= 2, got {tuple(shape)}.")
+    return shared_identity_grid(spatial_shape, dtype, device).clone()
+
+
+@functools.lru_cache(maxsize=16)
+def _build_identity_grid(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     axes = [(torch.arange(n, dtype=torch.float64) * (1.0 / (n - 1))).to(torch.float32) for n in shape]
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
     return grid[None].to(device=device, dtype=dtype)
+
+
+def shared_identity_grid(
+    spatial_shape: Sequence[int], dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """:func:`identity_grid` from a small cache, for the package's own hot paths (as the reference keeps its
+    identity map as a module buffer). The tensor is shared: never modify it in place.
+
+    Args:
+        spatial_shape: ``(N_0, ..., N_{D-1})``, every ``N_k >= 2``.
+        dtype: dtype of the returned tensor.
+        device: device of the returned tensor (``None``: the default device).
+
+    Returns:
+        the shared identity map ``(1, D, *spatial_shape)``.
+    """
+    shape = tuple(int(s) for s in spatial_shape)
+    if any(s < 2 for s in shape):
+        raise ValueError(f"identity_grid needs every spatial size >= 2, got {shape}.")
+    return _build_identity_grid(shape, dtype, torch.device(device) if device is not None else torch.empty(0).device)
 
 
 def sample(
@@ -98,7 +121,7 @@ def ddf_to_map(ddf: torch.Tensor) -> torch.Tensor:
         the map ``Φ(id)`` ``(B, D, *spatial)``: the [0, 1] coordinates each grid point is sent to.
     """
     shape = ddf.shape[2:]
-    return identity_grid(shape, ddf.dtype, ddf.device) + ddf / _voxel_scale(shape, ddf)
+    return shared_identity_grid(shape, ddf.dtype, ddf.device) + ddf / _voxel_scale(shape, ddf)
 
 
 def map_to_ddf(phi: torch.Tensor) -> torch.Tensor:
@@ -113,7 +136,7 @@ def map_to_ddf(phi: torch.Tensor) -> torch.Tensor:
         the MONAI DDF ``(B, D, *spatial)`` in voxel units.
     """
     shape = phi.shape[2:]
-    return (phi - identity_grid(shape, phi.dtype, phi.device)) * _voxel_scale(shape, phi)
+    return (phi - shared_identity_grid(shape, phi.dtype, phi.device)) * _voxel_scale(shape, phi)
 
 
 def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:

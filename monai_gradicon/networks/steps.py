@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..maps import Deformation, identity_grid, sample
+from ..maps import Deformation, sample, shared_identity_grid
 
 __all__ = ["DisplacementStep", "DownsampleStep", "CompositionStep", "step_min_size"]
 
@@ -115,7 +115,7 @@ class CompositionStep(nn.Module):
             first on a point), on the grid of ``moving``.
         """
         phi = self.first(moving, fixed)
-        grid = identity_grid(moving.shape[2:], moving.dtype, moving.device)
+        grid = shared_identity_grid(moving.shape[2:], moving.dtype, moving.device)
         warped = sample(moving, phi(grid, is_identity=True))
         psi = self.second(warped, fixed)
         return phi.compose(psi)
