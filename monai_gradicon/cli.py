@@ -116,7 +116,15 @@ def _one_line(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``monai-gradicon`` console script; returns the exit code."""
+    """Entry point of the ``monai-gradicon`` console script.
+
+    Args:
+        argv: command-line arguments without the program name (default: ``sys.argv[1:]``);
+            ``convert-weights`` is accepted for ``convert_weights``.
+
+    Returns:
+        the exit code: 0 on success, 2 on bad input (one-line message on stderr), fire's code on ``--help``.
+    """
     import fire
 
     from .io import ImageReadError

@@ -28,9 +28,9 @@ DEFAULT_IO_STEPS = 50
 
 @dataclass
 class InstanceOptimizationResult:
-    """Maps after instance optimisation and the objective along the way.
+    """Maps after instance optimisation and the objective along the way (paper Sec. 5.3).
 
-    Attributes:
+    Args:
         phi_AB: ``Φ_AB`` (moving = A, fixed = B) of the optimised weights, detached.
         phi_BA: ``Φ_BA`` of the optimised weights, detached.
         losses: total objective before each Adam step (``losses[0]``: the untouched network).

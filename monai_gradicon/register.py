@@ -4,8 +4,12 @@ Pipeline (``register``):
 
 1. read both images with their RAS affines (:func:`monai_gradicon.io.load_image`), plus optional
    masks and a moving label map, each checked to lie on its image's grid;
-2. the bundle's intensity preprocessing, then a resize to the network grid (linear,
-   ``align_corners=False``, index axes reversed into ITK array order, as the reference's ITK wrapper);
+2. the bundle's intensity preprocessing, then a resize to the network grid (linear). ``bundle="knee"`` /
+   ``"lung"`` resize like the reference's ITK wrapper (index axes reversed into ITK array order,
+   ``align_corners=False``), which is what the authors' released weights were trained on; a bundle
+   directory uses its own configs' convention (``registration`` section of ``inference.json``; default:
+   reorient to RAS as ``Orientationd``, then ``Resized(align_corners=True)``), see
+   :class:`PairGeometry`;
 3. ``Φ_AB`` and ``Φ_BA`` from the network, optionally after instance optimisation;
 4. every fixed voxel ``x`` is carried to the network grid, through ``Φ_AB`` (the exact composition of
    the network's fields), back to the moving image's voxel grid and to millimetres: this gives the
@@ -63,23 +67,85 @@ _CHUNK_POINTS = 1 << 21
 
 @dataclass
 class PairGeometry:
-    """How one image grid sits on the network grid (resize with ``align_corners=False``).
+    """How one image grid sits on the network grid (a linear resize, as ``F.interpolate``).
 
-    File voxel index ``c`` along file axis ``f`` and network coordinate ``x ∈ [0, 1]`` along network axis
-    ``a`` (``a = D-1-f`` when ``reverse_axes``) relate by ``n = (c + 0.5)·N/S − 0.5``, ``x = n/(N − 1)``.
+    Network axis ``a`` shows file axis ``f = axis_order[a]`` (default: ``D-1-a`` when ``reverse_axes``,
+    the ITK array order of the reference's wrapper, else ``a``), read backwards when ``flips[f]``
+    (``c' = S-1-c``; what ``Orientationd(axcodes="RAS")`` does to a non-RAS file). File voxel index
+    ``c'`` and network coordinate ``x ∈ [0, 1]`` relate by ``n = (c' + 0.5)·N/S − 0.5``,
+    ``x = n/(N − 1)`` with ``align_corners=False`` (the reference's ITK wrapper), or ``x = c'/(S − 1)``
+    with ``align_corners=True`` (MONAI ``Resized(align_corners=True)``, the bundles' configs).
+
+    Args:
+        image_shape: spatial shape of the file's voxel array.
+        network_shape: spatial shape of the network grid (network axis order).
+        reverse_axes: feed the file's index axes reversed (ignored when ``axis_order`` is given).
+        align_corners: the resize convention (see above).
+        axis_order: file axis shown along each network axis (a permutation), or ``None``.
+        flips: per file axis, whether it is read backwards; empty: no flips.
     """
 
     image_shape: tuple[int, ...]
     network_shape: tuple[int, ...]
     reverse_axes: bool
+    align_corners: bool = False
+    axis_order: tuple[int, ...] | None = None
+    flips: tuple[bool, ...] = ()
+
+    def __post_init__(self) -> None:
+        dims = len(self.image_shape)
+        if len(self.network_shape) != dims:
+            raise ValueError(f"image shape {self.image_shape} and network shape {self.network_shape} differ in dimension.")
+        if self.axis_order is not None and sorted(self.axis_order) != list(range(dims)):
+            raise ValueError(f"axis_order must be a permutation of {list(range(dims))}, got {self.axis_order}.")
+        if self.flips and len(self.flips) != dims:
+            raise ValueError(f"flips must give one flag per file axis ({dims}), got {self.flips}.")
+
+    @classmethod
+    def for_image(cls, image: PhysicalImage, model: RegistrationModel) -> "PairGeometry":
+        """The placement of ``image`` on ``model``'s grid, by the model's ``orientation``/``reverse_axes``/``align_corners``.
+
+        Args:
+            image: the image (its RAS affine decides the reorientation when ``model.orientation == "RAS"``).
+            model: the registration model.
+
+        Returns:
+            the geometry.
+        """
+        if model.orientation == "RAS":
+            import nibabel as nib
+
+            ornt = nib.orientations.io_orientation(image.affine)  # per file axis: (RAS axis, +1 | -1)
+            order = [0] * len(image.spatial_shape)
+            for f, (axis, sign) in enumerate(ornt):
+                order[int(axis)] = f
+            return cls(
+                image.spatial_shape, model.spatial_shape, False, model.align_corners,
+                tuple(order), tuple(bool(sign < 0) for _, sign in ornt),
+            )
+        return cls(image.spatial_shape, model.spatial_shape, model.reverse_axes, model.align_corners)
 
     def _axes(self) -> list[int]:
+        if self.axis_order is not None:
+            return list(self.axis_order)
         dims = len(self.image_shape)
         return list(reversed(range(dims))) if self.reverse_axes else list(range(dims))
 
+    def _flipped(self, f: int) -> bool:
+        return bool(self.flips[f]) if self.flips else False
+
     def to_network_layout(self, array: torch.Tensor) -> torch.Tensor:
         """``(B, C, *file axes)`` -> ``(B, C, *network axes)`` (no resampling)."""
-        return array.permute(0, 1, *[2 + f for f in self._axes()]) if self.reverse_axes else array
+        flipped = [2 + f for f in range(len(self.image_shape)) if self._flipped(f)]
+        if flipped:
+            array = array.flip(flipped)
+        axes = self._axes()
+        return array if axes == sorted(axes) else array.permute(0, 1, *[2 + f for f in axes])
+
+    def _to_grid(self, c: torch.Tensor, n_net: int, n_img: int) -> torch.Tensor:
+        if self.align_corners:
+            return c / max(n_img - 1, 1)
+        return ((c + 0.5) * n_net / n_img - 0.5) / (n_net - 1)
 
     def index_to_unit(self, index: torch.Tensor) -> torch.Tensor:
         """File voxel indices ``(P, D)`` -> network coordinates ``(1, D, P, 1[, 1])`` in [0, 1]."""
@@ -87,7 +153,8 @@ class PairGeometry:
         columns = []
         for a, f in enumerate(self._axes()):
             n_net, n_img = self.network_shape[a], self.image_shape[f]
-            columns.append(((index[:, f] + 0.5) * n_net / n_img - 0.5) / (n_net - 1))
+            c = (n_img - 1) - index[:, f] if self._flipped(f) else index[:, f]
+            columns.append(self._to_grid(c, n_net, n_img))
         return torch.stack(columns, 0).reshape(1, dims, -1, *([1] * (dims - 1)))
 
     def unit_to_index(self, unit: torch.Tensor) -> torch.Tensor:
@@ -97,7 +164,11 @@ class PairGeometry:
         index = torch.empty(flat.shape[1], dims, dtype=flat.dtype, device=flat.device)
         for a, f in enumerate(self._axes()):
             n_net, n_img = self.network_shape[a], self.image_shape[f]
-            index[:, f] = (flat[a] * (n_net - 1) + 0.5) * n_img / n_net - 0.5
+            if self.align_corners:
+                c = flat[a] * max(n_img - 1, 1)
+            else:
+                c = (flat[a] * (n_net - 1) + 0.5) * n_img / n_net - 0.5
+            index[:, f] = (n_img - 1) - c if self._flipped(f) else c
         return index
 
 
@@ -137,8 +208,10 @@ def physical_transform(
 
     Args:
         phi: map on the network grid, [0, 1] coordinates.
-        source, target: the two images' placement on the network grid.
-        source_affine, target_affine: RAS voxel-to-mm matrices.
+        source: the source image's placement on the network grid (fixed image for ``Φ_AB``).
+        target: the target image's placement on the network grid (moving image for ``Φ_AB``).
+        source_affine: RAS voxel-to-mm matrix of the source image.
+        target_affine: RAS voxel-to-mm matrix of the target image.
         index: source voxel indices ``(P, D)``.
 
     Returns:
@@ -198,10 +271,10 @@ def _resample_direction(
 
 
 def _to_network(image: torch.Tensor, geometry: PairGeometry, device: torch.device) -> torch.Tensor:
-    """Preprocessed ``(1, *S)`` image -> ``(1, 1, *network shape)`` (linear resize, ``align_corners=False``)."""
+    """Preprocessed ``(1, *S)`` image -> ``(1, 1, *network shape)`` (linear resize, ``geometry.align_corners``)."""
     x = geometry.to_network_layout(image[None].to(device))
     mode = "trilinear" if x.ndim == 5 else "bilinear"
-    return F.interpolate(x, size=geometry.network_shape, mode=mode, align_corners=False)
+    return F.interpolate(x, size=tuple(geometry.network_shape), mode=mode, align_corners=geometry.align_corners)
 
 
 def _check_same_grid(image: PhysicalImage, other: PhysicalImage, what: str) -> None:
@@ -229,7 +302,7 @@ def _prepare_output_dir(out: str) -> str:
 class RegistrationOutputs:
     """What :func:`register` produced.
 
-    Attributes:
+    Args:
         report: the JSON report as a dict.
         files: output name -> path (see :data:`OUTPUT_FILES`).
         phi_AB: ``Φ_AB`` on the network grid (moving = A, fixed = B).
@@ -286,7 +359,8 @@ def register(
         bundle: ``"knee"``, ``"lung"``, a bundle directory, or a :class:`RegistrationModel`.
         out: output folder (created; files are staged and moved in only when all succeeded).
         moving_labels: optional label map on the moving grid, warped with nearest neighbour.
-        moving_mask, fixed_mask: optional masks on each image's grid (used by the lung preprocessing).
+        moving_mask: optional mask on the moving image's grid (used by the lung preprocessing).
+        fixed_mask: optional mask on the fixed image's grid (used by the lung preprocessing).
         weights: weights file overriding the bundle's.
         io_steps: instance-optimisation steps (0: none; the reference's default when used is 50).
         io_learning_rate: Adam learning rate of instance optimisation (reference: 2e-5).
@@ -324,8 +398,8 @@ def register(
     out = os.fspath(out)
     staging = _prepare_output_dir(out)
     try:
-        geometry_A = PairGeometry(moving_image.spatial_shape, model.spatial_shape, model.reverse_axes)
-        geometry_B = PairGeometry(fixed_image.spatial_shape, model.spatial_shape, model.reverse_axes)
+        geometry_A = PairGeometry.for_image(moving_image, model)
+        geometry_B = PairGeometry.for_image(fixed_image, model)
         A = _to_network(model.preprocess(moving_image.array, masks[0].array if masks[0] else None), geometry_A, run_device)
         B = _to_network(model.preprocess(fixed_image.array, masks[1].array if masks[1] else None), geometry_B, run_device)
         objective = model.objective().to(run_device)
@@ -380,6 +454,11 @@ def register(
             "weights": model.weights,
             "notes": list(model.notes),
             "network_shape": list(model.spatial_shape),
+            "resampling": {
+                "orientation": model.orientation,
+                "reverse_axes": bool(model.reverse_axes) if model.orientation != "RAS" else False,
+                "align_corners": bool(model.align_corners),
+            },
             "device": str(run_device),
             "fixed_affine_ras": fixed_image.affine.tolist(),
             "moving_affine_ras": moving_image.affine.tolist(),

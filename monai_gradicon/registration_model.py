@@ -13,10 +13,15 @@ A :class:`RegistrationModel` is resolved from
   or one of ``network_shape``, ``image_shape``, ``spatial_shape``, ``spatial_size``, ``image_size``, ``input_shape``,
   ``roi_size`` (or ``metadata.json``'s ``network_data_format::inputs::image::spatial_shape`` when all
   integers). An optional ``registration`` section may set ``preprocessing`` (``"knee"`` | ``"lung"`` |
-  ``"none"``), ``lmbda``, ``lncc_sigma``, ``sparse`` and ``reverse_axes``. Weights: ``models/model.pt``.
+  ``"none"``), ``lmbda``, ``lncc_sigma``, ``sparse`` and the resampling convention ``orientation``
+  (``"RAS"`` | ``"none"``), ``align_corners`` and ``reverse_axes``. Weights: ``models/model.pt``.
 
-The network is fed the image array with its index axes reversed (``reverse_axes=True``), i.e. in the
-``(k, j, i)`` order of an ITK array, as the reference feeds its released models.
+Resampling convention. The built-in ``"knee"``/``"lung"`` models feed the network the image array with
+its index axes reversed (``reverse_axes=True``), i.e. in the ``(k, j, i)`` order of an ITK array, resized
+with ``align_corners=False``: what the reference's ITK wrapper does, so the authors' released weights
+see what they were trained on. A bundle directory defaults to what the bundles' own configs do
+(``Orientationd(axcodes="RAS")`` then ``Resized(align_corners=True)``): ``orientation="RAS"``,
+``align_corners=True``, ``reverse_axes=False``.
 """
 
 from __future__ import annotations
@@ -46,40 +51,76 @@ __all__ = [
 ]
 
 PREPROCESSING_CHOICES = ("knee", "lung", "none")
+ORIENTATION_CHOICES = ("RAS", "none")
 BUILTIN_MODELS = {"knee": (80, 192, 192), "lung": (175, 175, 175)}
 _SHAPE_KEYS = (
     "registration::spatial_shape", "network_shape", "image_shape", "spatial_shape", "spatial_size", "image_size", "input_shape", "roi_size"
 )
 
 
+KNEE_PERCENTILES = (1.0, 99.0)
+LUNG_HU_WINDOW = (-1000.0, 0.0)
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(x).as_subclass(torch.Tensor).to(torch.float32)
+
+
 def knee_intensity(image: torch.Tensor) -> torch.Tensor:
     """Map the 1st/99th intensity percentiles to 0/1 and clamp to [0, 1] (paper Sec. A.2, OAI knees).
 
+    Computed by MONAI's ``ScaleIntensityRangePercentiles(lower=1, upper=99, b_min=0, b_max=1, clip=True)``,
+    the transform the knee bundle's configs use (``ScaleIntensityRangePercentilesd``), so ``register``
+    and the bundle share one implementation. (The bundle applies it after the resize to the network
+    grid, ``register`` before, on the file grid.)
+
     Args:
         image: ``(C, *spatial)`` float tensor.
+
+    Returns:
+        float32 tensor of the same shape in [0, 1].
+
+    Raises:
+        ValueError: the 1st and 99th percentiles coincide (nothing to normalise).
     """
+    from monai.transforms import ScaleIntensityRangePercentiles
+
     flat = image.reshape(-1).to(torch.float64)
-    low, high = torch.quantile(flat, torch.tensor([0.01, 0.99], dtype=torch.float64)).tolist()
+    low, high = torch.quantile(flat, torch.tensor([p / 100.0 for p in KNEE_PERCENTILES], dtype=torch.float64)).tolist()
     if high <= low:
         raise ValueError(f"the image is constant between its 1st and 99th percentiles ({low}); it cannot be normalised.")
-    return ((image - low) / (high - low)).clamp(0.0, 1.0).to(torch.float32)
+    scale = ScaleIntensityRangePercentiles(lower=KNEE_PERCENTILES[0], upper=KNEE_PERCENTILES[1], b_min=0.0, b_max=1.0, clip=True)
+    return _plain(scale(image.to(torch.float32)))
 
 
 def lung_intensity(image: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Clamp CT to [−1000, 0] HU, map to [0, 1] and multiply by the lung mask (paper Sec. A.3).
 
+    Computed by MONAI's ``ScaleIntensityRange(a_min=-1000, a_max=0, b_min=0, b_max=1, clip=True)`` and
+    ``MaskIntensity``, the transforms the lung bundle's configs use (``ScaleIntensityRanged``,
+    ``MaskIntensityd``), so ``register`` and the bundle share one implementation.
+
     Args:
         image: ``(C, *spatial)`` CT in Hounsfield units.
         mask: optional lung mask on the same grid (nonzero inside the lungs).
+
+    Returns:
+        float32 tensor of the same shape in [0, 1] (0 outside the mask).
+
+    Raises:
+        ValueError: the mask is on another grid or empty.
     """
-    out = (image.clamp(-1000.0, 0.0) + 1000.0) / 1000.0
+    from monai.transforms import MaskIntensity, ScaleIntensityRange
+
+    window = ScaleIntensityRange(a_min=LUNG_HU_WINDOW[0], a_max=LUNG_HU_WINDOW[1], b_min=0.0, b_max=1.0, clip=True)
+    out = _plain(window(image.to(torch.float32)))
     if mask is not None:
         if mask.shape != image.shape:
             raise ValueError(f"the lung mask must be on the image grid {tuple(image.shape)}, got {tuple(mask.shape)}.")
         if not (mask != 0).any():
             raise ValueError("the lung mask is empty (no nonzero voxel).")
-        out = out * (mask != 0).to(out.dtype)
-    return out.to(torch.float32)
+        out = _plain(MaskIntensity(mask_data=torch.as_tensor(mask), select_fn=lambda m: m != 0)(out))
+    return out
 
 
 class _ConcatenatedInput(nn.Module):
@@ -97,7 +138,7 @@ class _ConcatenatedInput(nn.Module):
 class RegistrationModel:
     """A network plus everything needed to feed it a pair of scans.
 
-    Attributes:
+    Args:
         network: ``forward(moving, fixed) -> ddf`` (voxel units of ``spatial_shape``); a
             :class:`MultiStepRegistrationNet` also offers the exact composed ``deformation``.
         spatial_shape: the grid the network runs on, in network axis order.
@@ -105,9 +146,15 @@ class RegistrationModel:
         lmbda: ``λ`` of the instance-optimisation objective.
         lncc_sigma: σ of the LNCC similarity used for instance optimisation.
         sparse: use the sparse GradICON term (as the released knee/lung models were trained).
-        reverse_axes: feed the network the file's index axes reversed (ITK array order).
+        reverse_axes: feed the network the file's index axes reversed (ITK array order); ignored
+            when ``orientation == "RAS"``.
         name: for the report.
         weights: the weights file loaded, or ``None``.
+        notes: remarks for the report (e.g. "no trained weights").
+        orientation: ``"RAS"``: reorient each image to RAS first (as ``Orientationd``); ``"none"``:
+            use the file's index axes (see ``reverse_axes``).
+        align_corners: the resize convention of ``F.interpolate`` (``False``: reference ITK wrapper,
+            ``True``: MONAI ``Resized(align_corners=True)`` of the bundles' configs).
     """
 
     network: nn.Module
@@ -120,8 +167,12 @@ class RegistrationModel:
     name: str = ""
     weights: str | None = None
     notes: list[str] = field(default_factory=list)
+    orientation: str = "none"
+    align_corners: bool = False
 
     def __post_init__(self) -> None:
+        if self.orientation not in ORIENTATION_CHOICES:
+            raise ValueError(f"orientation must be one of {ORIENTATION_CHOICES}, got {self.orientation!r}.")
         if self.preprocessing not in PREPROCESSING_CHOICES:
             raise ValueError(f"preprocessing must be one of {PREPROCESSING_CHOICES}, got {self.preprocessing!r}.")
         if len(self.spatial_shape) not in (2, 3):
@@ -243,7 +294,9 @@ def _from_bundle_directory(bundle_dir: str, weights: str | None) -> Registration
         lmbda=float(options.get("lmbda", 1.5)),
         lncc_sigma=int(options.get("lncc_sigma", 5)),
         sparse=bool(options.get("sparse", True)),
-        reverse_axes=bool(options.get("reverse_axes", True)),
+        reverse_axes=bool(options.get("reverse_axes", False)),
+        orientation=str(options.get("orientation", "RAS")),
+        align_corners=bool(options.get("align_corners", True)),
         name=name,
     )
     _attach_weights(model, weights, required=weights != os.path.join(bundle_dir, "models", "model.pt"))

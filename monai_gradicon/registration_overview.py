@@ -12,26 +12,25 @@ import os
 import numpy as np
 
 from .io import PhysicalImage, apply_affine
+from .visualize import checkerboard, draw_deformed_grid, normalize_intensity
 
-__all__ = ["save_overview", "checkerboard"]
-
-
-def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
-    """Alternate square tiles of two same-shape 2D arrays."""
-    if a.shape != b.shape:
-        raise ValueError(f"checkerboard needs two arrays of the same shape, got {a.shape} and {b.shape}.")
-    rows = (np.arange(a.shape[0]) * tiles // max(1, a.shape[0]))[:, None]
-    cols = (np.arange(a.shape[1]) * tiles // max(1, a.shape[1]))[None, :]
-    return np.where((rows + cols) % 2 == 0, a, b)
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    low, high = np.percentile(x, [1, 99]) if x.size else (0.0, 1.0)
-    return np.clip((x - low) / (high - low if high > low else 1.0), 0, 1)
+__all__ = ["save_overview", "checkerboard"]  # checkerboard: re-exported from monai_gradicon.visualize
 
 
 def save_overview(fixed: PhysicalImage, direction, path: str | os.PathLike, grid_lines: int = 12) -> str:
-    """Write the overview of a forward registration (``direction``: displacement and warped image on the fixed grid).
+    """Write the overview of a forward registration: fixed | warped moving | checkerboard | deformed grid.
+
+    The panels come from :mod:`monai_gradicon.visualize` (:func:`~monai_gradicon.visualize.checkerboard`,
+    :func:`~monai_gradicon.visualize.draw_deformed_grid`, intensities by
+    :func:`~monai_gradicon.visualize.normalize_intensity` with the 1st/99th percentiles); in 3D one row
+    per index axis (its middle slice), in 2D one row.
+
+    Args:
+        fixed: the fixed image (grid, affine and intensities).
+        direction: the forward outputs on the fixed grid: ``.displacement`` ``(D, *S)`` in RAS mm and
+            ``.warped`` ``(*S)`` (the moving image resampled on the fixed grid).
+        path: the PNG file to write.
+        grid_lines: contour lines per component of the deformed grid.
 
     Returns:
         the path written.
@@ -48,7 +47,8 @@ def save_overview(fixed: PhysicalImage, direction, path: str | os.PathLike, grid
     fig, axes = plt.subplots(len(views), 4, figsize=(12, 3 * len(views)), squeeze=False)
     for row, axis in enumerate(views):
         take = (lambda a: np.take(a, shape[axis] // 2, axis=axis)) if axis is not None else (lambda a: a)
-        f, w = _normalise(take(fixed_array)), _normalise(take(direction.warped))
+        f = normalize_intensity(take(fixed_array), percentiles=(1, 99))
+        w = normalize_intensity(take(direction.warped), percentiles=(1, 99))
         axes_index = [np.arange(n, dtype=np.float64) for n in shape]
         if axis is not None:
             axes_index[axis] = np.array([shape[axis] // 2], dtype=np.float64)
@@ -63,10 +63,9 @@ def save_overview(fixed: PhysicalImage, direction, path: str | os.PathLike, grid
             axes[row, col].set_title(title if axis is None else f"{title} (axis {axis} mid)")
         ax = axes[row, 3]
         ax.imshow(f.T, cmap="gray", origin="lower", alpha=0.5)
-        for k in range(dims):
-            values = mm[..., k]
-            if np.ptp(values) > 0:
-                ax.contour(values.T, levels=np.linspace(values.min(), values.max(), grid_lines), colors="r", linewidths=0.5)
+        components = [mm[..., k].T for k in range(dims)]
+        levels = [np.linspace(c.min(), c.max(), grid_lines) for c in components]
+        draw_deformed_grid(ax, components, levels, color="r", linewidth=0.5)
         ax.set_title("deformed grid (moving mm)")
         for a in axes[row]:
             a.set_axis_off()

@@ -12,7 +12,15 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["middle_slice", "normalize_intensity", "checkerboard", "grid_image", "overview_image", "save_overview_png"]
+__all__ = [
+    "middle_slice",
+    "normalize_intensity",
+    "checkerboard",
+    "grid_image",
+    "draw_deformed_grid",
+    "overview_image",
+    "save_overview_png",
+]
 
 
 def _to_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -46,17 +54,28 @@ def middle_slice(volume: torch.Tensor | np.ndarray, spatial_dims: int | None = N
     return sliced
 
 
-def normalize_intensity(image: np.ndarray) -> np.ndarray:
+def normalize_intensity(image: np.ndarray, percentiles: tuple[float, float] | None = None) -> np.ndarray:
     """Scale ``image`` linearly to [0, 1] (a constant image becomes zeros).
 
     Args:
         image: array of any shape.
+        percentiles: map these two percentiles (e.g. ``(1, 99)``) to 0 and 1 and clip, instead of the
+            minimum and maximum (robust to a few very bright voxels).
 
     Returns:
-        array of the same shape, minimum 0 and maximum 1.
+        array of the same shape in [0, 1] (minimum 0 and maximum 1 without ``percentiles``).
     """
-    low, high = float(np.min(image)), float(np.max(image))
-    return np.zeros_like(image) if high - low < 1e-12 else (image - low) / (high - low)
+    image = np.asarray(image)
+    if image.size == 0:
+        return np.zeros_like(image)
+    if percentiles is None:
+        low, high = float(np.min(image)), float(np.max(image))
+    else:
+        low, high = (float(v) for v in np.percentile(image, list(percentiles)))
+    if high - low < 1e-12:
+        return np.zeros_like(image)
+    scaled = (image - low) / (high - low)
+    return scaled if percentiles is None else np.clip(scaled, 0.0, 1.0)
 
 
 def checkerboard(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, tiles: int = 8) -> np.ndarray:
@@ -108,6 +127,31 @@ def grid_image(ddf: np.ndarray | torch.Tensor, spacing: int = 8, thickness: floa
     distance_c = np.abs(np.mod(pc + half, spacing) - half)
     on_line = (distance_r < thickness / 2.0) | (distance_c < thickness / 2.0)
     return np.where(on_line, 0.0, 1.0).astype(np.float32)
+
+
+def draw_deformed_grid(axis, coordinates: Sequence[np.ndarray], levels: Sequence[np.ndarray] | np.ndarray, color: str = "k", linewidth: float = 0.8) -> None:
+    """Draw a deformed grid on a matplotlib axis as contour lines of mapped coordinates.
+
+    Each ``coordinates[k]`` is a 2D array giving, at every pixel ``x`` of the picture, coordinate ``k``
+    of the point ``T(x)`` it maps to (voxels or mm); its level lines are the lines of the target grid
+    seen through ``T``. Components that are constant on the slice draw nothing.
+
+    Args:
+        axis: a matplotlib ``Axes``.
+        coordinates: 2D arrays ``(H, W)``, one per drawn component, shown as ``imshow`` shows them.
+        levels: the contour levels, one array for all components or one per component.
+        color: line colour.
+        linewidth: line width.
+
+    Returns:
+        None (draws on ``axis``).
+    """
+    per_component = isinstance(levels, (list, tuple))
+    for k, values in enumerate(coordinates):
+        values = np.asarray(values)
+        if np.ptp(values) <= 0:
+            continue
+        axis.contour(values, levels=levels[k] if per_component else levels, colors=color, linewidths=linewidth)
 
 
 def overview_image(
@@ -181,8 +225,7 @@ def save_overview_png(
     rows, cols = np.meshgrid(np.arange(flow.shape[1]), np.arange(flow.shape[2]), indexing="ij")
     spacing = max(4, min(flow.shape[1:]) // 8)
     axes[4].imshow(np.ones(flow.shape[1:]), cmap="gray", vmin=0, vmax=1)
-    for component in (rows + flow[0], cols + flow[1]):
-        axes[4].contour(component, levels=np.arange(0, max(flow.shape[1:]) + spacing, spacing), colors="k", linewidths=0.8)
+    draw_deformed_grid(axes[4], (rows + flow[0], cols + flow[1]), np.arange(0, max(flow.shape[1:]) + spacing, spacing))
     for k, axis in enumerate(axes):
         axis.set_title(labels[k], fontsize=9)
         axis.axis("off")

@@ -4,7 +4,6 @@ Usage:
     python scripts/generate_api_docs.py            # writes docs/api.md
     python scripts/generate_api_docs.py --check    # exit 1 if docs/api.md is out of date
     python scripts/generate_api_docs.py --gaps     # list public names with incomplete docstrings
-    python scripts/generate_api_docs.py --write-gaps  # record that list in tests/api_docstring_gaps.txt
 
 The page lists, per package, every name in ``__all__`` with its signature and docstring; for classes
 also the public methods they define (``forward`` first). Packages are found by walking
@@ -25,7 +24,6 @@ from types import ModuleType
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTPUT = os.path.join(ROOT, "docs", "api.md")
-GAPS_FILE = os.path.join(ROOT, "tests", "api_docstring_gaps.txt")
 PACKAGE = "monai_gradicon"
 # names that implement the method must cite the paper (an equation or a section)
 PAPER_MODULES = ("monai_gradicon.losses", "monai_gradicon.networks")
@@ -201,15 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if docs/api.md differs from the docstrings")
     parser.add_argument("--gaps", action="store_true", help="print public names with incomplete docstrings")
-    parser.add_argument("--write-gaps", action="store_true", help=f"record them in {os.path.relpath(GAPS_FILE, ROOT)}")
     parser.add_argument("--output", default=OUTPUT)
     args = parser.parse_args(argv)
-    if args.gaps or args.write_gaps:
+    if args.gaps:
         gaps = sorted(docstring_gaps())
-        if args.write_gaps:
-            with open(GAPS_FILE, "w", encoding="utf-8") as handle:
-                handle.write("# public names with incomplete docstrings; regenerate: python scripts/generate_api_docs.py --write-gaps\n")
-                handle.writelines(g + "\n" for g in gaps)
         print("\n".join(gaps) if gaps else "no gaps")
         return 0
     text = render()

@@ -105,3 +105,47 @@ def test_pair_geometry_round_trip_and_corners():
     # network axis 0 is file axis 2 (reversed); align_corners=False resize: voxel 0 at (0.5 N/S - 0.5)/(N - 1)
     assert abs(float(unit[0, 0, 0]) - (0.5 * 20 / 7 - 0.5) / 19) < 1e-12
     np.testing.assert_allclose(geometry.unit_to_index(unit).numpy(), index.numpy(), atol=1e-12)
+
+
+def test_pair_geometry_ras_convention_matches_the_bundle_transforms(tmp_path):
+    """A bundle directory's convention (RAS reorientation, align_corners=True) is what Orientationd + Resized do."""
+    from monai.transforms import LoadImage, Orientation, Resize
+
+    from monai_gradicon.io import load_image
+    from monai_gradicon.register import PairGeometry, _to_network
+    from monai_gradicon.registration_model import RegistrationModel
+
+    shape, network_shape = (6, 9, 7), (11, 8, 13)
+    affine = np.array([[0.0, 0.0, -2.0, 10.0], [-1.5, 0.0, 0.0, 4.0], [0.0, 1.0, 0.0, -3.0], [0, 0, 0, 1.0]])  # axes permuted and flipped
+    volume = np.random.default_rng(0).random(shape).astype(np.float32)
+    path = save(tmp_path / "oblique.nii.gz", volume, affine)
+    model = RegistrationModel(network=torch.nn.Identity(), spatial_shape=network_shape, orientation="RAS", align_corners=True)
+    image = load_image(path)
+    geometry = PairGeometry.for_image(image, model)
+    ours = _to_network(image.array, geometry, torch.device("cpu"))[0]
+    monai_image = LoadImage(image_only=True, ensure_channel_first=True)(path)
+    expected = Resize(network_shape, mode="trilinear", align_corners=True)(Orientation("RAS")(monai_image))
+    torch.testing.assert_close(ours, torch.as_tensor(expected).as_subclass(torch.Tensor).float(), atol=1e-5, rtol=1e-5)
+    # index_to_unit puts each corner voxel of the file where the resized network image shows it
+    index = torch.tensor([[0.0, 0.0, 0.0], [5.0, 8.0, 6.0], [5.0, 0.0, 6.0]], dtype=torch.float64)
+    unit = geometry.index_to_unit(index)
+    np.testing.assert_allclose(geometry.unit_to_index(unit).numpy(), index.numpy(), atol=1e-12)
+    scale = torch.tensor([n - 1 for n in network_shape], dtype=torch.float64)
+    network_index = unit.reshape(3, -1).T * scale
+    assert torch.allclose(network_index, network_index.round(), atol=1e-9)  # corners land on corners
+    network_index = network_index.round().long()
+    ras_layout = geometry.to_network_layout(image.array[None])[0, 0]  # reoriented, not resized
+    for p in range(3):
+        assert float(ours[0][tuple(network_index[p])]) == pytest.approx(float(image.array[0][tuple(index[p].long())]), abs=1e-5)
+    assert ras_layout.shape == (7, 6, 9)  # RAS x = file axis 2, y = file axis 0, z = file axis 1
+
+
+def test_bundle_directory_defaults_to_its_configs_convention(tmp_path):
+    from registration_helpers import write_tiny_bundle
+
+    from monai_gradicon.registration_model import load_registration_model
+
+    model = load_registration_model(write_tiny_bundle(str(tmp_path / "b")), device="cpu")
+    assert (model.orientation, model.align_corners) == ("RAS", True)
+    knee = load_registration_model("knee", device="cpu")
+    assert (knee.orientation, knee.reverse_axes, knee.align_corners) == ("none", True, False)

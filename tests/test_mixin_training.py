@@ -213,14 +213,15 @@ def test_example_script_quick_run():
 
 
 def test_readme_snippets_run():
-    """The code blocks of docs/readme/mixin.md (the 10-line swap, the SupervisedTrainer recipe) run as written."""
-    text = open(os.path.join(ROOT, "docs", "readme", "mixin.md"), encoding="utf-8").read()
+    """The code blocks of README's mix-in section (the 10-line swap, the SupervisedTrainer recipe) run as written."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    text = readme.split("\n## Use GradICON in an existing MONAI registration pipeline\n", 1)[1].split("\n## ", 1)[0]
     blocks = [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
     assert len(blocks) == 2
     swap: dict = {}
-    exec(compile(blocks[0], "mixin.md:swap", "exec"), swap)
+    exec(compile(blocks[0], "README.md:swap", "exec"), swap)
     assert swap["loss"].ndim == 0 and torch.isfinite(swap["loss"])
     assert all(p.grad is not None for p in swap["net"].parameters())
     recipe: dict = {}
-    exec(compile(blocks[1], "mixin.md:trainer", "exec"), recipe)
+    exec(compile(blocks[1], "README.md:trainer", "exec"), recipe)
     assert recipe["trainer"].state.iteration == 2

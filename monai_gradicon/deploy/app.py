@@ -6,7 +6,7 @@ Run::
 
 ``INPUT_DIR`` holds ``moving.nii.gz`` and ``fixed.nii.gz`` (see :mod:`monai_gradicon.deploy.pipeline`).
 Package as a MONAI Application Package with ``monai-deploy package`` (needs Docker and network
-access; see docs/readme/register.md).
+access; see README.md, "MONAI Deploy application").
 """
 
 from __future__ import annotations

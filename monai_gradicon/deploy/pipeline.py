@@ -19,6 +19,12 @@ _ROLES = ("moving", "fixed", "moving_labels", "moving_mask", "fixed_mask")
 def find_pair(input_dir: str) -> dict[str, str]:
     """The role -> file mapping of an input folder (``moving`` and ``fixed`` required).
 
+    Args:
+        input_dir: folder holding ``moving.nii[.gz]``, ``fixed.nii[.gz]`` and optional masks/labels.
+
+    Returns:
+        ``{role: path}`` for every role file found.
+
     Raises:
         FileNotFoundError: the folder or a required image is missing.
     """
@@ -41,7 +47,16 @@ def find_pair(input_dir: str) -> dict[str, str]:
 
 
 def resolve_model(model_path: str | None) -> tuple[str, str | None]:
-    """``(bundle, weights)`` for :func:`monai_gradicon.register.register` from the app's model path."""
+    """``(bundle, weights)`` for :func:`monai_gradicon.register.register` from the app's model path.
+
+    Args:
+        model_path: a bundle directory, a folder holding one weights file (``.pt``/``.pth``/``.trch``),
+            a weights file, or ``None``; without a bundle directory the built-in model named by the
+            ``MONAI_GRADICON_BUNDLE`` environment variable (default ``"knee"``) is used.
+
+    Returns:
+        ``(bundle, weights)``: bundle name or directory, and the weights file or ``None``.
+    """
     builtin = os.environ.get("MONAI_GRADICON_BUNDLE", "knee")
     if model_path and os.path.isdir(model_path):
         if os.path.isfile(os.path.join(model_path, "configs", "inference.json")):
@@ -55,6 +70,12 @@ def resolve_model(model_path: str | None) -> tuple[str, str | None]:
 
 def run_registration(input_dir: str, output_dir: str, model_path: str | None, device: str | None = None) -> dict:
     """Register the pair found in ``input_dir`` and write the outputs of ``register`` to ``output_dir``.
+
+    Args:
+        input_dir: the app's input folder (see :func:`find_pair`).
+        output_dir: where the outputs of :func:`monai_gradicon.register.register` go.
+        model_path: the app's model path (see :func:`resolve_model`).
+        device: ``"cpu"``/``"cuda"``; default: CUDA when available.
 
     Returns:
         the registration report (dict).

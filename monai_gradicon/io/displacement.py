@@ -41,6 +41,11 @@ def _check_field(displacement_ras: np.ndarray) -> int:
 def write_displacement_nifti(displacement_ras: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> str:
     """Write a displacement ``(D, *spatial)`` in RAS mm, sampled on the grid of ``affine``, as a NIfTI vector image.
 
+    Args:
+        displacement_ras: ``(D, *spatial)`` displacement ``u(x) = T(x) − x`` in RAS mm.
+        affine: ``(D+1, D+1)`` voxel index -> RAS mm matrix of the grid it is sampled on.
+        path: output ``.nii``/``.nii.gz`` file (intent ``DISPVECT``, vectors in dimension 5).
+
     Returns:
         the path written.
     """
@@ -53,7 +58,17 @@ def write_displacement_nifti(displacement_ras: np.ndarray, affine: np.ndarray, p
 
 
 def read_displacement_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Read a file written by :func:`write_displacement_nifti`: ``(displacement (D, *spatial) RAS mm, affine)``."""
+    """Read a file written by :func:`write_displacement_nifti`.
+
+    Args:
+        path: the NIfTI displacement file.
+
+    Returns:
+        ``(displacement (D, *spatial) in RAS mm, (D+1, D+1) RAS affine)``.
+
+    Raises:
+        ValueError: the file is not a ``(X, Y, Z, 1, D)`` vector image.
+    """
     import nibabel as nib
 
     image = nib.load(os.fspath(path))
@@ -105,7 +120,17 @@ def write_itk_displacement_transform(displacement_ras: np.ndarray, affine: np.nd
 
 
 def read_itk_displacement_transform(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Read a file written by :func:`write_itk_displacement_transform`: ``(displacement (D, *spatial) RAS mm, RAS affine)``."""
+    """Read a file written by :func:`write_itk_displacement_transform`.
+
+    Args:
+        path: the ITK ``.h5`` transform file.
+
+    Returns:
+        ``(displacement (D, *spatial) in RAS mm, (D+1, D+1) RAS affine)``.
+
+    Raises:
+        ValueError: the file holds another kind of transform.
+    """
     import h5py
 
     with h5py.File(os.fspath(path), "r") as f:

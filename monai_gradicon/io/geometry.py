@@ -16,14 +16,29 @@ __all__ = ["ras_to_lps_matrix", "apply_affine", "ItkGeometry", "itk_geometry"]
 
 
 def ras_to_lps_matrix(spatial_dims: int) -> np.ndarray:
-    """``diag(-1, -1, 1...)`` of size ``spatial_dims``; it is its own inverse (LPS <-> RAS)."""
+    """``diag(-1, -1, 1...)`` of size ``spatial_dims``; it is its own inverse (LPS <-> RAS).
+
+    Args:
+        spatial_dims: 2 or 3.
+
+    Returns:
+        ``(spatial_dims, spatial_dims)`` float64 matrix that flips the first two axes.
+    """
     flip = np.ones(spatial_dims)
     flip[: min(2, spatial_dims)] = -1.0
     return np.diag(flip)
 
 
 def apply_affine(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Map ``points`` ``(..., D)`` through the homogeneous ``(D+1, D+1)`` ``affine``."""
+    """Map ``points`` ``(..., D)`` through the homogeneous ``(D+1, D+1)`` ``affine``.
+
+    Args:
+        affine: ``(D+1, D+1)`` matrix (e.g. voxel index -> RAS mm).
+        points: ``(..., D)`` coordinates.
+
+    Returns:
+        ``(..., D)`` float64 mapped coordinates ``A·p + t``.
+    """
     affine = np.asarray(affine, dtype=np.float64)
     dims = affine.shape[0] - 1
     return points @ affine[:dims, :dims].T + affine[:dims, dims]
@@ -33,7 +48,7 @@ def apply_affine(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
 class ItkGeometry:
     """An image grid as ITK describes it: ``p_LPS = origin + direction · diag(spacing) · index``.
 
-    Attributes:
+    Args:
         size: voxels per index axis ``(n_i, n_j, n_k)`` (ITK order, fastest axis first).
         origin: LPS position of voxel ``(0, 0, 0)`` in mm.
         spacing: voxel size per index axis in mm (positive).
@@ -48,6 +63,13 @@ class ItkGeometry:
 
 def itk_geometry(affine_ras: np.ndarray, spatial_shape: tuple[int, ...]) -> ItkGeometry:
     """The ITK description of a grid given by its RAS voxel-to-world affine (as MONAI/nibabel give it).
+
+    Args:
+        affine_ras: ``(D+1, D+1)`` voxel index -> RAS mm matrix.
+        spatial_shape: voxels per index axis.
+
+    Returns:
+        the :class:`ItkGeometry` (LPS origin, spacing, direction cosines) of that grid.
 
     Raises:
         ValueError: if the affine is singular (a zero voxel size).

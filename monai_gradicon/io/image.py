@@ -25,7 +25,7 @@ class ImageReadError(ValueError):
 class PhysicalImage:
     """A single-channel image and where it lies in space.
 
-    Attributes:
+    Args:
         array: ``(1, *spatial)`` float32 tensor, axes in file (voxel index) order.
         affine: ``(D+1, D+1)`` float64 voxel-index-to-RAS-millimetre matrix.
         path: the file it was read from (for messages).
@@ -57,6 +57,9 @@ def load_image(path: str | os.PathLike, name: str = "image", spatial_dims: int |
         path: any file (or DICOM folder) MONAI's ``LoadImage`` reads.
         name: what the file is (``"moving image"``...), used in error messages.
         spatial_dims: if given, the number of spatial axes the image must have.
+
+    Returns:
+        the :class:`PhysicalImage` (``(1, *spatial)`` float32 array in file index order, RAS affine, path).
 
     Raises:
         ImageReadError: missing or unreadable file, more than one channel, wrong number of spatial
@@ -97,7 +100,14 @@ def _reduce_affine(affine: np.ndarray, dims: int) -> np.ndarray:
 
 
 def output_affine(affine: np.ndarray) -> np.ndarray:
-    """A 4x4 NIfTI affine for a 2D or 3D ``(D+1, D+1)`` affine (2D images get a unit third axis)."""
+    """A 4x4 NIfTI affine for a 2D or 3D ``(D+1, D+1)`` affine (2D images get a unit third axis).
+
+    Args:
+        affine: ``(3, 3)`` or ``(4, 4)`` voxel index -> RAS mm matrix.
+
+    Returns:
+        ``(4, 4)`` float64 matrix (the input itself when already 4x4).
+    """
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape == (4, 4):
         return affine

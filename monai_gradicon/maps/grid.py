@@ -64,7 +64,10 @@ def shared_identity_grid(
     shape = tuple(int(s) for s in spatial_shape)
     if any(s < 2 for s in shape):
         raise ValueError(f"identity_grid needs every spatial size >= 2, got {shape}.")
-    return _build_identity_grid(shape, dtype, torch.device(device) if device is not None else torch.empty(0).device)
+    device = torch.device(device) if device is not None else torch.empty(0).device
+    if torch.jit.is_tracing():  # a trace must record the grid's construction, not a cached constant
+        return _build_identity_grid.__wrapped__(shape, dtype, device)
+    return _build_identity_grid(shape, dtype, device)
 
 
 def sample(

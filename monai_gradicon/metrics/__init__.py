@@ -7,6 +7,7 @@ from .dice import label_dice, mean_label_dice
 from .evaluate import evaluate_pairs, evaluate_registration
 from .landmarks import (
     PhysicalDisplacementField,
+    landmark_distances,
     landmarks_to_physical,
     read_landmarks,
     target_registration_error,
@@ -17,6 +18,7 @@ __all__ = [
     "read_landmarks",
     "landmarks_to_physical",
     "PhysicalDisplacementField",
+    "landmark_distances",
     "target_registration_error",
     "tre_summary",
     "label_dice",

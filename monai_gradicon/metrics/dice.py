@@ -39,6 +39,15 @@ def label_dice(prediction: np.ndarray, reference: np.ndarray, labels: Sequence[i
 
 
 def mean_label_dice(prediction: np.ndarray, reference: np.ndarray, labels: Sequence[int] | None = None) -> float:
-    """Mean of :func:`label_dice` over the labels (NaN when no label is present)."""
+    """Mean of :func:`label_dice` over the labels (the Dice of paper Tab. 1/2).
+
+    Args:
+        prediction: warped moving label map (integers).
+        reference: fixed label map, same shape.
+        labels: the labels to score; default every nonzero label of ``reference``.
+
+    Returns:
+        the mean Dice in [0, 1], NaN when no label is present.
+    """
     scores = label_dice(prediction, reference, labels)
     return float(np.mean(list(scores.values()))) if scores else float("nan")

@@ -23,19 +23,37 @@ __all__ = [
     "read_landmarks",
     "landmarks_to_physical",
     "PhysicalDisplacementField",
+    "landmark_distances",
     "target_registration_error",
     "tre_summary",
 ]
 
 
-def read_landmarks(path: str | os.PathLike) -> np.ndarray:
-    """Read a landmark file: ``(P, D)`` float64 array of 1-based voxel indices.
+def read_landmarks(source: str | os.PathLike | np.ndarray | torch.Tensor, spatial_dims: int | None = None) -> np.ndarray:
+    """Read landmarks: ``(P, D)`` float64 array, the values as given (DirLab files: 1-based voxel indices).
+
+    The one landmark reader of the package: the CLI evaluation (:func:`evaluate_registration`) and the
+    bundles' :class:`~monai_gradicon.transforms.LandmarksToGridd` (mTRE of paper Sec. 5.2/8) both use it.
+
+    Args:
+        source: a text file with one point per line (numbers separated by whitespace or commas,
+            blank lines skipped, surrounding spaces in the path stripped), or a ``(P, D)`` array/tensor.
+        spatial_dims: required number of coordinates per point (2 or 3); ``None``: 2 or 3.
+
+    Returns:
+        float64 array ``(P, D)`` with ``P >= 1`` (no index base or unit conversion).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: empty file, rows of different lengths, non-numeric entries.
+        ValueError: empty file, rows of different lengths, non-numeric entries, wrong column count.
     """
-    path = os.fspath(path)
+    allowed = (2, 3) if spatial_dims is None else (int(spatial_dims),)
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        points = np.asarray(source.detach().cpu() if isinstance(source, torch.Tensor) else source, dtype=np.float64)
+        if points.ndim != 2 or points.shape[0] < 1 or points.shape[1] not in allowed:
+            raise ValueError(f"landmarks must be a (P, D) table with P >= 1 and D in {allowed}, got shape {points.shape}.")
+        return points
+    path = os.fspath(source).strip()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"landmark file not found: {path!r}.")
     rows = []
@@ -50,9 +68,9 @@ def read_landmarks(path: str | os.PathLike) -> np.ndarray:
                 raise ValueError(f"{path!r} line {number}: expected numbers (1-based voxel indices), got {line.strip()!r}.") from None
     if not rows:
         raise ValueError(f"landmark file {path!r} holds no points.")
-    lengths = {len(r) for r in rows}
-    if len(lengths) != 1 or lengths.pop() not in (2, 3):
-        raise ValueError(f"landmark file {path!r} must have 2 or 3 numbers on every line, got lines of lengths {sorted({len(r) for r in rows})}.")
+    lengths = sorted({len(r) for r in rows})
+    if len(lengths) != 1 or lengths[0] not in allowed:
+        raise ValueError(f"landmark file {path!r} must have {' or '.join(map(str, allowed))} numbers on every line, got lines of lengths {lengths}.")
     return np.asarray(rows, dtype=np.float64)
 
 
@@ -66,6 +84,12 @@ def landmarks_to_physical(
         affine: the image's RAS voxel-to-mm matrix (preferred: uses origin and direction).
         spacing: DirLab convention instead: voxel size per axis with origin 0 and identity direction in
             ITK's LPS frame (what the reference's evaluation assumes).
+
+    Returns:
+        ``(P, D)`` float64 landmark positions in RAS mm.
+
+    Raises:
+        ValueError: both or neither of ``affine``/``spacing``, or either of the wrong size.
     """
     if (affine is None) == (spacing is None):
         raise ValueError("give exactly one of affine= or spacing= to place landmarks in space.")
@@ -122,13 +146,51 @@ class PhysicalDisplacementField:
         return points + u
 
 
+def landmark_distances(mapped_points, target_points, spacing: Sequence[float] | None = None):
+    """Per-landmark distances ``‖(p_target − T(p_fixed)) · spacing‖`` — the TRE arithmetic (paper Sec. 5.2, Tab. 5).
+
+    The one implementation used by :func:`target_registration_error` (CLI evaluation, points in mm)
+    and :func:`~monai_gradicon.engines.landmark_tre` (Ignite metric, points in network voxels).
+
+    Args:
+        mapped_points: ``(P, D)`` fixed landmarks carried through the transform, ``T(p_fixed)``
+            (numpy array or torch tensor).
+        target_points: ``(P, D)`` corresponding landmarks of the moving image, same kind and units.
+        spacing: voxel size per axis when the points are in voxels (gives mm); ``None``: the points
+            are already in mm.
+
+    Returns:
+        ``(P,)`` distances, a float64 numpy array or tensor like the inputs.
+
+    Raises:
+        ValueError: the two landmark sets differ in count or dimension.
+    """
+    if tuple(mapped_points.shape) != tuple(target_points.shape) or len(mapped_points.shape) != 2:
+        raise ValueError(
+            f"fixed and moving landmarks must correspond one to one as (P, D) tables, got {mapped_points.shape[0]} fixed and "
+            f"{target_points.shape[0]} moving points (shapes {tuple(mapped_points.shape)} and {tuple(target_points.shape)})."
+        )
+    if isinstance(mapped_points, torch.Tensor):
+        difference = target_points.double() - mapped_points.double()
+        if spacing is not None:
+            difference = difference * torch.as_tensor(spacing, dtype=torch.float64, device=difference.device)
+        return difference.norm(dim=1)
+    difference = np.asarray(target_points, dtype=np.float64) - np.asarray(mapped_points, dtype=np.float64)
+    if spacing is not None:
+        difference = difference * np.asarray(spacing, dtype=np.float64)
+    return np.linalg.norm(difference, axis=1)
+
+
 def target_registration_error(fixed_points: np.ndarray, moving_points: np.ndarray, transform) -> np.ndarray:
-    """Per-landmark error ``‖p_moving − T(p_fixed)‖`` in mm.
+    """Per-landmark error ``‖p_moving − T(p_fixed)‖`` in mm (paper Sec. 5.2, Tab. 5), by :func:`landmark_distances`.
 
     Args:
         fixed_points: ``(P, D)`` landmarks of the fixed image in mm.
         moving_points: ``(P, D)`` corresponding landmarks of the moving image in mm.
         transform: callable mapping fixed points ``(P, D)`` to moving points (e.g. :class:`PhysicalDisplacementField`).
+
+    Returns:
+        ``(P,)`` float64 errors in mm.
 
     Raises:
         ValueError: the two landmark sets differ in count or dimension.
@@ -136,15 +198,22 @@ def target_registration_error(fixed_points: np.ndarray, moving_points: np.ndarra
     fixed_points = np.asarray(fixed_points, dtype=np.float64)
     moving_points = np.asarray(moving_points, dtype=np.float64)
     if fixed_points.shape != moving_points.shape:
-        raise ValueError(
-            f"fixed and moving landmarks must correspond one to one, got {fixed_points.shape[0]} fixed and "
-            f"{moving_points.shape[0]} moving points (shapes {fixed_points.shape} and {moving_points.shape})."
-        )
-    return np.linalg.norm(moving_points - transform(fixed_points), axis=1)
+        landmark_distances(fixed_points, moving_points)  # raises the error naming both shapes
+    return landmark_distances(transform(fixed_points), moving_points)
 
 
 def tre_summary(errors: np.ndarray) -> dict[str, float]:
-    """Mean, standard deviation and 25/50/75th percentiles of landmark errors (mm)."""
+    """Mean, standard deviation and 25/50/75th percentiles of landmark errors (the layout of paper Tab. 5).
+
+    Args:
+        errors: per-landmark errors in mm (e.g. from :func:`target_registration_error`).
+
+    Returns:
+        ``{"mean", "std", "p25", "p50", "p75", "count"}``.
+
+    Raises:
+        ValueError: no errors.
+    """
     errors = np.asarray(errors, dtype=np.float64)
     if errors.size == 0:
         raise ValueError("no landmark errors to summarise.")

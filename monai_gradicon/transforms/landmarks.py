@@ -10,34 +10,9 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from ..metrics.landmarks import read_landmarks  # the one reader (re-exported here for the bundle configs)
+
 __all__ = ["read_landmarks", "LandmarksToGridd"]
-
-
-def read_landmarks(source: str | np.ndarray | torch.Tensor) -> np.ndarray:
-    """Landmarks ``(N, 3)`` from a whitespace separated text file (one point per line) or an array.
-
-    Used for the DirLab landmarks of the mTRE evaluation (paper Sec. 8).
-
-    Args:
-        source: path of a text file with three numbers per line (``numpy.loadtxt``, surrounding spaces
-            in the path are stripped), or an ``(N, 3)`` array / tensor.
-
-    Returns:
-        float64 array ``(N, 3)``, the values as given (no index base or unit conversion).
-
-    Raises:
-        ValueError: the file cannot be read, or the table is not ``(N, 3)`` with ``N >= 1``.
-    """
-    if isinstance(source, (np.ndarray, torch.Tensor)):
-        points = np.asarray(source, dtype=np.float64)
-    else:
-        try:
-            points = np.loadtxt(str(source).strip(), dtype=np.float64, delimiter=None, ndmin=2)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read landmarks from {source!r}: {e}") from e
-    if points.ndim != 2 or points.shape[1] != 3 or points.shape[0] < 1:
-        raise ValueError(f"landmarks must be an (N, 3) table, got shape {points.shape} from {source!r}.")
-    return points
 
 
 class LandmarksToGridd(MapTransform):
@@ -75,7 +50,7 @@ class LandmarksToGridd(MapTransform):
             image = d.get(image_key)
             if not isinstance(image, MetaTensor) or "original_affine" not in image.meta:
                 raise ValueError(f"LandmarksToGridd: '{image_key}' must be a MetaTensor loaded by LoadImaged (with original_affine).")
-            points = read_landmarks(d[points_key]) - (1.0 if self.one_based else 0.0)
+            points = read_landmarks(d[points_key], spatial_dims=3) - (1.0 if self.one_based else 0.0)
             file_to_world = np.asarray(image.meta["original_affine"], dtype=np.float64)
             grid_to_world = np.asarray(image.affine, dtype=np.float64)
             homogeneous = np.concatenate([points, np.ones((points.shape[0], 1))], axis=1)
