@@ -41,6 +41,7 @@ from .io import (
     PhysicalImage,
     apply_affine,
     load_image,
+    sample_at_voxel_indices,
     save_nifti,
     write_displacement_nifti,
     write_itk_displacement_transform,
@@ -180,22 +181,6 @@ def _voxel_indices(shape: Sequence[int], start: int, stop: int, device: torch.de
     return torch.stack([g.reshape(-1) for g in grids], dim=1)
 
 
-def _sample_like_itk(image: torch.Tensor, index: torch.Tensor, mode: str) -> torch.Tensor:
-    """Sample ``image`` ``(1, C, *S)`` at continuous file indices ``(P, D)`` as ITK's resampler does.
-
-    Inside ``[-0.5, S - 0.5]`` along every axis: linear (border-clamped) or nearest interpolation;
-    elsewhere 0. Returns ``(C, P)``.
-    """
-    dims = index.shape[1]
-    shape = image.shape[2:]
-    size = torch.tensor(shape, dtype=index.dtype, device=index.device)
-    inside = ((index >= -0.5) & (index <= size - 0.5)).all(dim=1)
-    grid = (2.0 * index / (size - 1).clamp(min=1) - 1.0).flip(-1)  # grid_sample wants the last axis first
-    grid = grid.to(image.dtype).reshape(1, -1, *([1] * (dims - 1)), dims)
-    values = F.grid_sample(image, grid, mode=mode, padding_mode="border", align_corners=True)
-    return values.reshape(image.shape[1], -1) * inside.to(values.dtype)
-
-
 def physical_transform(
     phi: Deformation,
     source: PairGeometry,
@@ -260,9 +245,9 @@ def _resample_direction(
         target_index, mm = physical_transform(phi, source_geometry, target_geometry, source.affine, target.affine, index)
         rows = slice(start * per_slab, stop * per_slab)
         displacement[rows] = mm.numpy()
-        warped[rows] = _sample_like_itk(target_image, target_index, "bilinear")[0].cpu().numpy()
+        warped[rows] = sample_at_voxel_indices(target_image, target_index, "bilinear")[0].cpu().numpy()
         if label_image is not None:
-            warped_labels[rows] = _sample_like_itk(label_image, target_index, "nearest")[0].cpu().numpy()
+            warped_labels[rows] = sample_at_voxel_indices(label_image, target_index, "nearest")[0].cpu().numpy()
     return _Direction(
         displacement=np.moveaxis(displacement.reshape(*shape, dims), -1, 0),
         warped=warped.reshape(shape),

@@ -95,7 +95,6 @@ def test_label_dice_values():
 def test_evaluate_folder_of_pairs(tmp_path):
     """evaluate_pairs on an identity registration: TRE equals the landmark offsets, Dice of identical labels is 1."""
     from monai_gradicon.metrics import evaluate_pairs
-    from monai_gradicon.register import register
     from registration_helpers import blob_intensity, write_tiny_bundle
 
     affine = oblique_affine()

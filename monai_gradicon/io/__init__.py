@@ -6,7 +6,7 @@ from .displacement import (
     write_displacement_nifti,
     write_itk_displacement_transform,
 )
-from .geometry import ItkGeometry, apply_affine, itk_geometry, ras_to_lps_matrix
+from .geometry import ItkGeometry, apply_affine, itk_geometry, ras_to_lps_matrix, sample_at_voxel_indices
 from .image import ImageReadError, PhysicalImage, load_image, output_affine, save_nifti
 
 __all__ = [
@@ -23,4 +23,5 @@ __all__ = [
     "itk_geometry",
     "apply_affine",
     "ras_to_lps_matrix",
+    "sample_at_voxel_indices",
 ]

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 __all__ = ["ras_to_lps_matrix", "apply_affine", "ItkGeometry", "itk_geometry"]
 
@@ -89,3 +91,26 @@ def itk_geometry(affine_ras: np.ndarray, spatial_shape: tuple[int, ...]) -> ItkG
         spacing=spacing,
         direction=linear / spacing,
     )
+
+
+def sample_at_voxel_indices(image: torch.Tensor, index: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Sample ``image`` at continuous voxel indices as ITK's resampler does (used to warp files in physical space).
+
+    Inside ``[-0.5, S - 0.5]`` along every axis: linear (border-clamped) or nearest interpolation;
+    elsewhere 0 (ITK's default pixel value outside the image).
+
+    Args:
+        image: ``(1, C, *S)`` with ``D = len(S)`` spatial axes.
+        index: ``(P, D)`` continuous 0-based voxel indices into ``image``.
+        mode: ``"bilinear"`` or ``"nearest"``.
+
+    Returns:
+        ``(C, P)`` sampled values, in ``image``'s dtype.
+    """
+    dims = index.shape[1]
+    size = torch.tensor(image.shape[2:], dtype=index.dtype, device=index.device)
+    inside = ((index >= -0.5) & (index <= size - 0.5)).all(dim=1)
+    grid = (2.0 * index / (size - 1).clamp(min=1) - 1.0).flip(-1)  # grid_sample wants the last axis first
+    grid = grid.to(image.dtype).reshape(1, -1, *([1] * (dims - 1)), dims)
+    values = F.grid_sample(image, grid, mode=mode, padding_mode="border", align_corners=True)
+    return values.reshape(image.shape[1], -1) * inside.to(values.dtype)

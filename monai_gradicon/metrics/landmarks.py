@@ -15,9 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..io import apply_affine, ras_to_lps_matrix, read_displacement_nifti
+from ..io import apply_affine, ras_to_lps_matrix, read_displacement_nifti, sample_at_voxel_indices
 
 __all__ = [
     "read_landmarks",
@@ -135,15 +134,9 @@ class PhysicalDisplacementField:
         dims = self.displacement.shape[0]
         if points.ndim != 2 or points.shape[1] != dims:
             raise ValueError(f"points must be (P, {dims}), got {points.shape}.")
-        index = apply_affine(np.linalg.inv(self.affine), points)
-        shape = np.array(self.displacement.shape[1:], dtype=np.float64)
-        inside = np.all((index >= -0.5) & (index <= shape - 0.5), axis=1)
-        grid = torch.from_numpy(2.0 * index / np.maximum(shape - 1, 1) - 1.0).flip(-1)
-        grid = grid.reshape(1, -1, *([1] * (dims - 1)), dims)
+        index = torch.from_numpy(apply_affine(np.linalg.inv(self.affine), points))
         field = torch.from_numpy(self.displacement)[None]
-        u = F.grid_sample(field, grid, mode="bilinear", padding_mode="border", align_corners=True)
-        u = u.reshape(dims, -1).T.numpy() * inside[:, None]
-        return points + u
+        return points + sample_at_voxel_indices(field, index, "bilinear").T.numpy()
 
 
 def landmark_distances(mapped_points, target_points, spacing: Sequence[float] | None = None):

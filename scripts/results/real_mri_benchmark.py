@@ -46,7 +46,7 @@ from tqdm import tqdm  # noqa: E402
 
 from monai_gradicon.data import random_smooth_ddf  # noqa: E402
 from monai_gradicon.losses import GradICONLoss, GradICONObjective, LNCCLoss  # noqa: E402
-from monai_gradicon.maps import fold_percentage, jacobian_determinant, warp  # noqa: E402
+from monai_gradicon.maps import jacobian_determinant, warp  # noqa: E402
 from monai_gradicon.networks import GradICONUNet, multistep_network  # noqa: E402
 
 TEMPLATE_FILES = {
