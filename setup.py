@@ -23,6 +23,13 @@ setup(
         "tqdm",
         "h5py",
     ],
-    extras_require={"test": ["pytest"], "itk": ["itk", "SimpleITK"]},
+    # "test" is everything the test suite imports: ITK/SimpleITK read our transforms back, jsonschema runs
+    # MONAI's offline verify_metadata, nilearn ships the MNI152 volume of the real-image benchmark.
+    # The authors' icon-registration / unigradicon (the parity oracles) install with --no-deps beside it
+    # (their torchvision pin cannot be met beside the CPU torch build): see scripts/run_tests.sh.
+    extras_require={
+        "itk": ["itk>=5.3", "SimpleITK>=2.2"],
+        "test": ["pytest", "itk>=5.3", "SimpleITK>=2.2", "jsonschema>=4", "nilearn>=0.10"],
+    },
     entry_points={"console_scripts": ["monai-gradicon=monai_gradicon.cli:main"]},
 )

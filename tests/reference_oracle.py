@@ -8,14 +8,19 @@ import icon_registration.network_wrappers as icon_wrappers
 import icon_registration.networks as icon_networks
 
 
-def reference_network(spatial_dims: int, levels):
-    """The reference module tree equal to ``multistep_network(spatial_dims, levels)``."""
-    net = icon_wrappers.FunctionFromVectorField(icon_networks.tallUNet2(dimension=spatial_dims))
+def reference_network(spatial_dims: int, levels, unet=None):
+    """The reference module tree equal to ``multistep_network(spatial_dims, levels)``.
+
+    ``unet`` builds each step's network (default: the reference ``tallUNet2``; e.g. a narrow
+    ``UNet2`` twin of ``GradICONUNet(spatial_dims, 1, down_channels, up_channels)``).
+    """
+    make = unet or (lambda: icon_networks.tallUNet2(dimension=spatial_dims))
+    net = icon_wrappers.FunctionFromVectorField(make())
     for previous, level in zip(levels, levels[1:]):
         for _ in range(previous - level):
             net = icon_wrappers.DownsampleRegistration(net, dimension=spatial_dims)
         net = icon_wrappers.TwoStepRegistration(
-            net, icon_wrappers.FunctionFromVectorField(icon_networks.tallUNet2(dimension=spatial_dims))
+            net, icon_wrappers.FunctionFromVectorField(make())
         )
     for _ in range(levels[-1]):
         net = icon_wrappers.DownsampleRegistration(net, dimension=spatial_dims)

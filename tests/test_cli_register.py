@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from registration_helpers import blob_intensity, oblique_affine, save, world_points, write_tiny_bundle
+from dependencies import require_reference
+from registration_helpers import blob_intensity, oblique_affine, read_field, save, world_points, write_random_weights, write_tiny_bundle
 
 SHAPE = (22, 26, 18)
 
@@ -63,14 +65,48 @@ def test_bad_input_one_error_line_nonzero_exit_no_outputs(files, capsys, case, e
     assert not os.path.isdir(out) or os.listdir(out) == []
 
 
-def test_register_command_writes_outputs(files, capsys):
-    from monai_gradicon.cli import main
+def test_register_command_writes_what_register_writes(files, tmp_path, capsys):
+    """The command passes every option on: its files equal ``register``'s with the same arguments.
 
-    root, good, bundle = files
-    out = root / "ok"
-    assert main(["register", "--moving", good, "--fixed", good, "--bundle", bundle, "--out", str(out), "--quiet"]) == 0
-    assert "registered in" in capsys.readouterr().out
-    assert {"warped_moving.nii.gz", "displacement_mm.nii.gz", "transform.h5", "inverse_transform.h5", "report.json"} <= set(os.listdir(out))
+    A real pair (the blob shifted by 3.6 mm) and deforming ``"smooth"`` weights (mean 3.9 mm), with
+    labels, 2 instance-optimisation steps at lr 1e-3 and seed 3: a dropped or swapped argument (moving
+    and fixed, the learning rate, the seed, the labels) changes the field or the report.
+    """
+    from monai_gradicon.cli import main
+    from monai_gradicon.register import register
+
+    root, good, _ = files
+    affine = oblique_affine()
+    points = world_points(affine, SHAPE)
+    shifted = blob_intensity(points, points.reshape(-1, 3).mean(0) + np.array([3.0, -2.0, 0.0]))
+    moving = save(str(tmp_path / "moving.nii.gz"), shifted, affine)
+    labels = save(str(tmp_path / "labels.nii.gz"), (shifted > 0.6).astype(np.float32), affine)
+    bundle = write_tiny_bundle(str(tmp_path / "bundle"))
+    write_random_weights(bundle)
+    out = tmp_path / "cli"
+    argv = ["register", "--moving", moving, "--fixed", good, "--bundle", bundle, "--out", str(out), "--moving-labels", labels,
+            "--io-steps", "2", "--io-lr", "1e-3", "--seed", "3", "--device", "cpu", "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    expected = register(moving, good, bundle, tmp_path / "api", moving_labels=labels, io_steps=2, io_learning_rate=1e-3,
+                        device="cpu", progress=False, seed=3)
+    assert {"warped_moving.nii.gz", "displacement_mm.nii.gz", "transform.h5", "inverse_transform.h5", "report.json",
+            "warped_moving_labels.nii.gz"} <= set(os.listdir(out))
+    field = read_field(str(out / "displacement_mm.nii.gz"))
+    assert np.linalg.norm(field, axis=0).mean() > 1.0
+    np.testing.assert_allclose(field, read_field(expected.files["displacement"]), atol=1e-5)
+    np.testing.assert_allclose(read_field(str(out / "inverse_displacement_mm.nii.gz")),
+                               read_field(expected.files["inverse_displacement"]), atol=1e-5)
+    report = json.loads((out / "report.json").read_text())
+    assert report["instance_optimization"]["steps"] == 2 and report["instance_optimization"]["learning_rate"] == 1e-3
+    assert report["instance_optimization"]["objective_after"] == pytest.approx(
+        expected.report["instance_optimization"]["objective_after"], rel=1e-5)
+    assert report["moving"] == os.path.abspath(moving) and report["moving_labels"] == os.path.abspath(labels)
+    assert f"folds {report['forward']['folds']} " in printed and "registered in" in printed
+    # another seed gives another GradICON perturbation, hence other optimised weights: the seed is used
+    assert main(argv[:-3] + ["--seed", "4", "--out", str(tmp_path / "cli_seed4"), "--quiet"]) == 0
+    other = read_field(str(tmp_path / "cli_seed4" / "displacement_mm.nii.gz"))
+    assert np.abs(other - field).max() > 1e-4
 
 
 def test_console_script_exit_code(files, tmp_path):
@@ -89,18 +125,19 @@ def test_console_script_exit_code(files, tmp_path):
 
 def test_convert_weights_imports_reference_checkpoint(tmp_path, capsys):
     """A reference (icon_registration) 1-step checkpoint becomes the bundle's model.pt; outputs then agree."""
-    pytest.importorskip("icon_registration")
-    import json
+    require_reference()
 
     from monai_gradicon.cli import main
     from monai_gradicon.registration_model import load_registration_model
     from reference_oracle import reference_network
 
-    torch.manual_seed(0)
-    reference = reference_network(3, (0,))
+    with torch.random.fork_rng():  # the reference network initialises from the global RNG
+        torch.manual_seed(0)
+        reference = reference_network(3, (0,))
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in reference.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
+            p.add_(torch.randn(p.shape, generator=generator) * 0.01)
     torch.save(reference.state_dict(), tmp_path / "ref.trch")
     bundle = tmp_path / "bundle"
     write_tiny_bundle(str(bundle), shape=(17, 17, 17))
@@ -112,9 +149,11 @@ def test_convert_weights_imports_reference_checkpoint(tmp_path, capsys):
     model = load_registration_model(str(bundle), device="cpu")
     assert model.weights == str(out)
     reference.eval()
-    moving, fixed = torch.rand(1, 1, 17, 17, 17), torch.rand(1, 1, 17, 17, 17)
+    moving = torch.rand(1, 1, 17, 17, 17, generator=generator)
+    fixed = torch.rand(1, 1, 17, 17, 17, generator=generator)
     with torch.no_grad():
         ours = model.network.step.net(moving, fixed)
         theirs = reference.net(moving, fixed)
+    assert theirs.abs().max() > 1e-3  # a real output, far above the tolerance (an unloaded network gives 0)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert main(["convert-weights", "--source", str(tmp_path / "none.trch"), "--out", str(out)]) == 2

@@ -1,7 +1,10 @@
 """The MONAI Deploy application: SDK-free pipeline logic, and the app run in-process on a small pair.
 
-The in-process app test needs ``monai-deploy-app-sdk==4.0.0`` (+ ``holoscan-cli==4.2.0`` and
-``highdicom``, see README.md, "MONAI Deploy application"); it is skipped where the SDK is not importable.
+The bundle's weights deform (``write_random_weights``, ~3 mm), so "the outputs equal what ``register``
+writes for the same pair" is a real check. The in-process app test (marker ``deploy_sdk``) needs
+``monai-deploy-app-sdk==4.0.0`` (+ ``holoscan-cli==4.2.0`` and ``highdicom``, see README.md, "MONAI
+Deploy application"); it runs in the separate deploy environment and is skipped where the SDK is not
+importable, unless ``MONAI_GRADICON_REQUIRE_DEPLOY=1``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from registration_helpers import blob_intensity, oblique_affine, save, world_points, write_tiny_bundle
+from dependencies import REQUIRE_DEPLOY, require
+from registration_helpers import blob_intensity, oblique_affine, read_field, save, world_points, write_random_weights, write_tiny_bundle
 
 SHAPE = (22, 26, 18)
 
@@ -28,7 +32,24 @@ def input_folder(tmp_path):
     save(str(folder / "fixed.nii.gz"), blob_intensity(points, centre), affine)
     save(str(folder / "moving.nii.gz"), blob_intensity(points, centre + np.array([2.0, 0.0, 0.0])), affine)
     bundle = write_tiny_bundle(str(tmp_path / "bundle"))
+    write_random_weights(bundle)
     return folder, bundle, affine
+
+
+def _same_as_register(out, folder, bundle, reference_dir, atol=1e-5):
+    """The files in ``out`` equal those ``register`` writes for the pair of ``folder`` (and deform)."""
+    from monai_gradicon.register import register
+
+    expected = register(str(folder / "moving.nii.gz"), str(folder / "fixed.nii.gz"), bundle, reference_dir,
+                        device="cpu", progress=False)
+    field = read_field(str(out / "displacement_mm.nii.gz"))
+    assert np.linalg.norm(field, axis=0).mean() > 1.0  # the weights deform: the comparison means something
+    np.testing.assert_allclose(field, read_field(expected.files["displacement"]), atol=atol)
+    np.testing.assert_allclose(read_field(str(out / "inverse_displacement_mm.nii.gz")),
+                               read_field(expected.files["inverse_displacement"]), atol=atol)
+    warped = np.asarray(nib.load(out / "warped_moving.nii.gz").dataobj)
+    np.testing.assert_allclose(warped, np.asarray(nib.load(expected.files["warped_moving"]).dataobj), atol=atol)
+    return expected
 
 
 def test_find_pair_and_resolve_model(tmp_path, input_folder):
@@ -44,34 +65,50 @@ def test_find_pair_and_resolve_model(tmp_path, input_folder):
     assert resolve_model(str(weights)) == ("knee", str(weights))
 
 
-def test_run_registration_writes_outputs_with_fixed_header(tmp_path, input_folder):
+def test_run_registration_writes_outputs_with_fixed_header(tmp_path, input_folder, monkeypatch):
     from monai_gradicon.deploy import run_registration
 
     folder, bundle, affine = input_folder
+    monkeypatch.delenv("MONAI_GRADICON_IO_STEPS", raising=False)
     report = run_registration(str(folder), str(tmp_path / "out"), bundle, device="cpu")
     warped = nib.load(tmp_path / "out" / "warped_moving.nii.gz")
     field = nib.load(tmp_path / "out" / "displacement_mm.nii.gz")
     np.testing.assert_allclose(warped.affine, affine, atol=1e-4)
     np.testing.assert_allclose(field.affine, affine, atol=1e-4)
     assert field.shape == (*SHAPE, 1, 3) and field.header.get_intent()[0] == "displacement vector"
-    assert report["forward"]["folds"] == 0
+    expected = _same_as_register(tmp_path / "out", folder, bundle, tmp_path / "register")
+    assert report["forward"] == expected.report["forward"] and report["instance_optimization"] is None
+    assert report["moving"] == str(folder / "moving.nii.gz") and report["fixed"] == str(folder / "fixed.nii.gz")
 
 
-def test_deploy_app_runs_in_process(tmp_path, input_folder):
-    if os.environ.get("MONAI_GRADICON_REQUIRE_DEPLOY") == "1":  # the deploy CI environment: must run
-        import monai.deploy.core  # noqa: F401
-    else:
-        pytest.importorskip("monai.deploy.core", reason="monai-deploy-app-sdk is not installed in this environment")
+def test_run_registration_reads_instance_optimisation_steps_from_the_environment(tmp_path, input_folder, monkeypatch):
+    from monai_gradicon.deploy import run_registration
+
+    folder, bundle, _ = input_folder
+    monkeypatch.setenv("MONAI_GRADICON_IO_STEPS", "2")
+    report = run_registration(str(folder), str(tmp_path / "out"), bundle, device="cpu")
+    assert report["instance_optimization"]["steps"] == 2
+    assert report["instance_optimization"]["objective_after"] < report["instance_optimization"]["objective_before"]
+
+
+@pytest.mark.deploy_sdk
+def test_deploy_app_runs_in_process(tmp_path, input_folder, monkeypatch):
+    require("monai.deploy.core", REQUIRE_DEPLOY)
     from monai_gradicon.deploy.app import GradICONRegistrationApp
 
     folder, bundle, affine = input_folder
+    monkeypatch.delenv("MONAI_GRADICON_IO_STEPS", raising=False)
     out = tmp_path / "app_out"
     GradICONRegistrationApp(["python", "-i", str(folder), "-o", str(out), "-m", bundle]).run()
     warped = nib.load(out / "warped_moving.nii.gz")
     field = nib.load(out / "displacement_mm.nii.gz")
     np.testing.assert_allclose(warped.affine, affine, atol=1e-4)
+    np.testing.assert_allclose(field.affine, affine, atol=1e-4)
     assert warped.shape == SHAPE and field.shape == (*SHAPE, 1, 3)
-    assert np.abs(np.asarray(field.dataobj)).max() < 0.05  # untrained bundle: identity
+    # the app may run on CUDA where the deploy environment has it: float tolerance against the CPU run
+    expected = _same_as_register(out, folder, bundle, tmp_path / "register", atol=1e-3)
     with open(out / "report.json") as f:
-        assert json.load(f)["bundle"] == "bundle"
-    assert os.path.isfile(out / "transform.h5")
+        report = json.load(f)
+    assert report["bundle"] == "bundle" and report["weights"] == expected.report["weights"]
+    assert report["forward"]["folds"] == expected.report["forward"]["folds"]
+    assert os.path.isfile(out / "transform.h5") and os.path.isfile(out / "inverse_transform.h5")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from dependencies import require_simpleitk
 from registration_helpers import oblique_affine, save
 
 
@@ -83,7 +85,7 @@ def test_displacement_files_round_trip(tmp_path, dims):
 
 
 def test_itk_reads_our_2d_transform(tmp_path):
-    sitk = pytest.importorskip("SimpleITK")
+    sitk = require_simpleitk()
     from monai_gradicon.io import write_itk_displacement_transform
 
     field = np.zeros((2, 4, 5))
@@ -95,16 +97,49 @@ def test_itk_reads_our_2d_transform(tmp_path):
     np.testing.assert_allclose(transform.TransformPoint(point.tolist()), point + [-1.5, 0.5], atol=1e-9)
 
 
-def test_pair_geometry_round_trip_and_corners():
-    from monai_gradicon.register import PairGeometry
+# file shape, network shape: some axes up-sampled, one down-sampled, all sizes distinct (a swapped axis fails)
+RESIZES = {2: ((10, 7), (8, 30)), 3: ((10, 12, 7), (20, 8, 30))}
 
-    geometry = PairGeometry((10, 12, 7), (20, 24, 30), reverse_axes=True)
-    index = torch.tensor([[0.0, 0.0, 0.0], [9.0, 11.0, 6.0], [3.5, 2.0, 4.0]], dtype=torch.float64)
-    unit = geometry.index_to_unit(index)
-    assert unit.shape == (1, 3, 3, 1, 1)
-    # network axis 0 is file axis 2 (reversed); align_corners=False resize: voxel 0 at (0.5 N/S - 0.5)/(N - 1)
-    assert abs(float(unit[0, 0, 0]) - (0.5 * 20 / 7 - 0.5) / 19) < 1e-12
-    np.testing.assert_allclose(geometry.unit_to_index(unit).numpy(), index.numpy(), atol=1e-12)
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_pair_geometry_is_where_f_interpolate_samples(dims, align_corners):
+    """``index_to_unit``/``unit_to_index`` agree with the resize ``F.interpolate`` really does.
+
+    Each channel of the file image is a ramp holding its voxel's index along one file axis, so the linear
+    resize gives, at every network voxel, the file index it sampled (exact: linear interpolation of a linear
+    function; at the borders of an ``align_corners=False`` up-sampling F.interpolate clamps to the first/last
+    voxel). ``reverse_axes=True``: network axis ``a`` shows file axis ``D-1-a`` (ITK array order).
+    """
+    from monai_gradicon.register import PairGeometry, _to_network
+
+    file_shape, network_shape = RESIZES[dims]
+    geometry = PairGeometry(file_shape, network_shape, reverse_axes=True, align_corners=align_corners)
+    ramps = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in file_shape], indexing="ij"))
+    reversed_layout = ramps[None].permute(0, 1, *range(dims + 1, 1, -1))  # network axis a = file axis D-1-a
+    mode = "bilinear" if dims == 2 else "trilinear"
+    sampled = F.interpolate(reversed_layout, size=network_shape, mode=mode, align_corners=align_corners)[0]
+    # the register pipeline's resize is this one (the same axes, the same convention)
+    torch.testing.assert_close(_to_network(ramps[:1], geometry, torch.device("cpu"))[0, 0], sampled[0], rtol=0, atol=1e-12)
+
+    # network voxel centres n/(N-1) -> file indices: what F.interpolate sampled there
+    centres = torch.stack(torch.meshgrid(
+        *[torch.arange(n, dtype=torch.float64) / (n - 1) for n in network_shape], indexing="ij"))
+    index = geometry.unit_to_index(centres[None])  # (P, D), file axis order
+    sampled_index = sampled.reshape(dims, -1).T
+    upper = torch.tensor(file_shape, dtype=torch.float64) - 1
+    torch.testing.assert_close(index.clamp(torch.zeros(dims, dtype=torch.float64), upper), sampled_index, rtol=0, atol=1e-12)
+    inside = ((index >= 0) & (index <= upper)).all(1)
+    if align_corners:
+        assert bool(inside.all())
+    else:  # up-sampled axes: the outermost network voxels sample outside [0, S-1], where F.interpolate clamps
+        assert 0 < int(inside.sum()) < len(index)
+
+    # and back: the file index F.interpolate sampled at a network voxel maps to that voxel's centre
+    unit = geometry.index_to_unit(sampled_index[inside])
+    assert unit.shape == (1, dims, int(inside.sum())) + (1,) * (dims - 1)
+    torch.testing.assert_close(unit.reshape(dims, -1).T, centres.reshape(dims, -1).T[inside], rtol=0, atol=1e-12)
+    torch.testing.assert_close(geometry.unit_to_index(unit), sampled_index[inside], rtol=0, atol=1e-12)
 
 
 def test_pair_geometry_ras_convention_matches_the_bundle_transforms(tmp_path):
@@ -138,6 +173,9 @@ def test_pair_geometry_ras_convention_matches_the_bundle_transforms(tmp_path):
     for p in range(3):
         assert float(ours[0][tuple(network_index[p])]) == pytest.approx(float(image.array[0][tuple(index[p].long())]), abs=1e-5)
     assert ras_layout.shape == (7, 6, 9)  # RAS x = file axis 2, y = file axis 0, z = file axis 1
+    oriented = torch.as_tensor(Orientation("RAS")(monai_image)).as_subclass(torch.Tensor).float()[0]
+    torch.testing.assert_close(ras_layout, oriented, rtol=0, atol=0)  # the same voxels, reoriented as MONAI does
+    assert not torch.equal(ras_layout, image.array[0].permute(2, 0, 1))  # the flips are applied, not just the permutation
 
 
 def test_bundle_directory_defaults_to_its_configs_convention(tmp_path):

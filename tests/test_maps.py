@@ -32,7 +32,7 @@ def test_identity_grid_puts_first_and_last_voxel_at_zero_and_one():
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_ddf_and_map_convert_with_n_minus_one(spatial_dims):
     shape = SHAPES[spatial_dims]
-    ddf = torch.randn((3, spatial_dims, *shape), dtype=torch.float64)
+    ddf = torch.randn((3, spatial_dims, *shape), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     phi = ddf_to_map(ddf)
     # one voxel of displacement along axis k is 1/(N_k - 1) in map units
     unit = torch.zeros_like(ddf)
@@ -45,8 +45,9 @@ def test_ddf_and_map_convert_with_n_minus_one(spatial_dims):
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_warp_equals_monai_warp_and_moves_content_the_contract_way(spatial_dims):
     shape = SHAPES[spatial_dims]
-    image = torch.rand((2, 3, *shape), dtype=torch.float64)
-    ddf = torch.randn((2, spatial_dims, *shape), dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand((2, 3, *shape), dtype=torch.float64, generator=g)
+    ddf = torch.randn((2, spatial_dims, *shape), dtype=torch.float64, generator=g)
     # our grid holds float32-rounded coordinates (mirroring the reference), MONAI's exact float64 ones:
     # a sampling-position difference of ~1e-8 voxel
     torch.testing.assert_close(warp(image, ddf), Warp(mode="bilinear", padding_mode="border")(image, ddf),
@@ -60,10 +61,18 @@ def test_warp_equals_monai_warp_and_moves_content_the_contract_way(spatial_dims)
 
 
 def test_label_warping_is_nearest_and_keeps_the_label_set():
-    labels = torch.randint(0, 4, (1, 1, 12, 13)).float()
-    ddf = torch.randn((1, 2, 12, 13)) * 0.8
+    g = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, 4, (1, 1, 12, 13), generator=g).float()
+    ddf = torch.randn((1, 2, 12, 13), generator=g) * 0.8
     out = warp(labels, ddf, mode="nearest")
     assert set(out.unique().tolist()) <= set(labels.unique().tolist())
+    # each pixel takes the label of the pixel nearest to x + ddf(x) (clamped to the image)
+    rows, cols = torch.meshgrid(torch.arange(12.0), torch.arange(13.0), indexing="ij")
+    r = (rows + ddf[0, 0]).round().clamp(0, 11).long()
+    c = (cols + ddf[0, 1]).round().clamp(0, 12).long()
+    nearest = labels[0, 0][r, c]
+    assert float((out[0, 0] == nearest).float().mean()) > 0.97  # ties at exactly .5 may round either way
+    assert not torch.equal(out, labels)
     torch.testing.assert_close(out, Warp(mode="nearest", padding_mode="border")(labels, ddf))
 
 
@@ -78,11 +87,16 @@ def test_composition_of_translations_adds_them(spatial_dims):
     torch.testing.assert_close(ddf[(0, 0) + inner], torch.ones_like(ddf[(0, 0) + inner]))
     torch.testing.assert_close(ddf[(0, -1) + inner], torch.full_like(ddf[(0, -1) + inner], -2.0))
     # order matters for non-commuting maps: self ∘ inner applies inner first
-    scale = (ddf_to_map(torch.zeros((1, spatial_dims, *shape))) * 0.5)
-    squash = Deformation([scale - identity_grid(shape)])
-    a = squash.compose(Deformation.from_ddf(t1)).ddf()
-    b = Deformation.from_ddf(t1).compose(squash).ddf()
-    assert not torch.allclose(a, b)
+    identity = identity_grid(shape)
+    squash = Deformation([0.5 * identity - identity])  # x -> x / 2 in [0, 1] coordinates
+    t1_unit = torch.zeros((1, spatial_dims) + (1,) * spatial_dims)
+    t1_unit[:, 0] = 1.0 / (shape[0] - 1)  # t1 in [0, 1] units
+    scale = torch.tensor([n - 1 for n in shape], dtype=torch.float32).reshape(1, -1, *([1] * spatial_dims))
+    squash_after = squash.compose(Deformation.from_ddf(t1)).ddf()  # x -> (x + t1) / 2
+    squash_first = Deformation.from_ddf(t1).compose(squash).ddf()  # x -> x / 2 + t1
+    inner = (slice(None), slice(None)) + tuple(slice(0, -2) for _ in shape)  # x + t1 stays inside the image
+    torch.testing.assert_close(squash_after[inner], (((identity + t1_unit) / 2 - identity) * scale)[inner], rtol=0, atol=1e-5)
+    torch.testing.assert_close(squash_first, ((identity / 2 + t1_unit - identity) * scale), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])

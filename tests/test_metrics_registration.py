@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from registration_helpers import analytic_transform, oblique_affine, save, world_points
+from registration_helpers import analytic_inverse, analytic_transform, oblique_affine, save, world_points
 
 SHAPE = (30, 28, 24)
+MOVING_AFFINE = oblique_affine(spacing=(1.0, 1.4, 2.0), angles=(-0.15, 0.35, -0.3), origin=(-22.0, 10.0, 4.0))
 
 
 def _write_analytic_field(tmp_path):
@@ -22,8 +23,18 @@ def _write_analytic_field(tmp_path):
     return path, affine
 
 
-def test_tre_of_analytic_deformation_equals_known_offset(tmp_path):
-    """Moving landmarks = T(fixed landmarks) + a 2 mm offset -> every TRE is 2 mm (± 0.02 mm interpolation)."""
+def _to_index(points_mm, affine):
+    return (points_mm - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
+
+
+def test_tre_of_analytic_deformation_equals_known_offsets(tmp_path):
+    """Moving landmarks = T(fixed landmarks) + offsets of known, different lengths -> each TRE is its offset.
+
+    The moving landmarks are written as 1-based indices of another grid than the fixed ones (other
+    rotation, spacing and origin), so reading them 0-based, placing them with the wrong affine, mixing
+    up which set is mapped through T, or reordering the axes all change the errors by far more than the
+    0.02 mm interpolation tolerance (each of those mistakes is computed below as a check of the test).
+    """
     from monai_gradicon.metrics import (
         PhysicalDisplacementField,
         landmarks_to_physical,
@@ -36,21 +47,38 @@ def test_tre_of_analytic_deformation_equals_known_offset(tmp_path):
     rng = np.random.default_rng(1)
     fixed_index = rng.uniform(4, np.array(SHAPE) - 5, size=(40, 3))
     fixed_mm = fixed_index @ affine[:3, :3].T + affine[:3, 3]
-    offset = rng.normal(size=(40, 3))
-    offset = 2.0 * offset / np.linalg.norm(offset, axis=1, keepdims=True)
+    direction = rng.normal(size=(40, 3))
+    lengths = rng.uniform(0.5, 3.0, size=40)
+    offset = lengths[:, None] * direction / np.linalg.norm(direction, axis=1, keepdims=True)
     moving_mm = analytic_transform(fixed_mm) + offset
-    # write them as DirLab-style 1-based voxel-index files (the moving image shares the grid here)
-    moving_index = (moving_mm - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
+    # DirLab-style 1-based voxel-index files, each on its own image's grid
     np.savetxt(tmp_path / "fixed.txt", fixed_index + 1, delimiter="\t")
-    np.savetxt(tmp_path / "moving.txt", moving_index + 1, delimiter="\t")
+    np.savetxt(tmp_path / "moving.txt", _to_index(moving_mm, MOVING_AFFINE) + 1, delimiter="\t")
     fixed_read = landmarks_to_physical(read_landmarks(tmp_path / "fixed.txt"), affine=affine)
-    moving_read = landmarks_to_physical(read_landmarks(tmp_path / "moving.txt"), affine=affine)
-    errors = target_registration_error(fixed_read, moving_read, PhysicalDisplacementField.from_nifti(path))
-    np.testing.assert_allclose(errors, 2.0, atol=0.02)
+    moving_read = landmarks_to_physical(read_landmarks(tmp_path / "moving.txt"), affine=MOVING_AFFINE)
+    np.testing.assert_allclose(fixed_read, fixed_mm, atol=1e-9)
+    np.testing.assert_allclose(moving_read, moving_mm, atol=1e-9)
+    field = PhysicalDisplacementField.from_nifti(path)
+    errors = target_registration_error(fixed_read, moving_read, field)
+    np.testing.assert_allclose(errors, lengths, atol=0.02)
     summary = tre_summary(errors)
-    assert abs(summary["mean"] - 2.0) < 0.02 and summary["count"] == 40
-    # without the transform the errors are not the 2 mm offsets: the transform really was applied
-    assert np.abs(np.linalg.norm(moving_read - fixed_read, axis=1) - 2.0).max() > 1.0
+    assert summary["mean"] == pytest.approx(lengths.mean(), abs=0.02) and summary["count"] == 40
+    assert summary["p50"] == pytest.approx(np.median(lengths), abs=0.02)
+    # the mistakes this test must catch all move the errors well beyond the tolerance
+    wrong = {
+        "no transform": np.linalg.norm(moving_read - fixed_read, axis=1),
+        "roles swapped": target_registration_error(moving_read, fixed_read, field),
+        "0-based read": target_registration_error(
+            landmarks_to_physical(read_landmarks(tmp_path / "fixed.txt") + 1, affine=affine),
+            landmarks_to_physical(read_landmarks(tmp_path / "moving.txt") + 1, affine=MOVING_AFFINE), field),
+        "one affine for both": target_registration_error(
+            fixed_read, landmarks_to_physical(read_landmarks(tmp_path / "moving.txt"), affine=affine), field),
+        "axes reversed": target_registration_error(
+            landmarks_to_physical(read_landmarks(tmp_path / "fixed.txt")[:, ::-1].copy(), affine=affine),
+            landmarks_to_physical(read_landmarks(tmp_path / "moving.txt")[:, ::-1].copy(), affine=MOVING_AFFINE), field),
+    }
+    for name, values in wrong.items():
+        assert np.abs(values - lengths).max() > 0.5, name
 
 
 def test_tre_rejects_mismatched_landmark_counts():
@@ -63,8 +91,9 @@ def test_tre_rejects_mismatched_landmark_counts():
 def test_dirlab_spacing_convention_is_lps_origin_zero():
     from monai_gradicon.metrics import landmarks_to_physical
 
-    points = landmarks_to_physical(np.array([[1.0, 1.0, 1.0], [3.0, 2.0, 5.0]]), spacing=[0.625, 0.625, 2.5])
-    np.testing.assert_allclose(points, [[0, 0, 0], [-1.25, -0.625, 10.0]])  # RAS of LPS (1.25, 0.625, 10)
+    # three different voxel sizes and an asymmetric point: axis order, 1-based indices and LPS all show
+    points = landmarks_to_physical(np.array([[1.0, 1.0, 1.0], [3.0, 2.0, 5.0]]), spacing=[0.6, 0.7, 2.5])
+    np.testing.assert_allclose(points, [[0, 0, 0], [-1.2, -0.7, 10.0]])  # RAS of LPS (1.2, 0.7, 10)
     with pytest.raises(ValueError, match="exactly one"):
         landmarks_to_physical(np.ones((1, 3)))
 
@@ -92,32 +121,83 @@ def test_label_dice_values():
         label_dice(prediction[:5], reference)
 
 
-def test_evaluate_folder_of_pairs(tmp_path):
-    """evaluate_pairs on an identity registration: TRE equals the landmark offsets, Dice of identical labels is 1."""
-    from monai_gradicon.metrics import evaluate_pairs
-    from registration_helpers import blob_intensity, write_tiny_bundle
+FIXED_SHAPE = (22, 26, 18)
+MOVING_SHAPE = (24, 20, 21)
+NETWORK_SHAPE = (24, 28, 30)
+CENTRE = np.array([-9.0, 20.0, 26.0])
 
-    affine = oblique_affine()
-    shape = (22, 26, 18)
-    points = world_points(affine, shape)
-    image = blob_intensity(points, points.reshape(-1, 3).mean(0))
-    save(str(tmp_path / "img.nii.gz"), image, affine)
-    save(str(tmp_path / "lab.nii.gz"), (image > 0.6).astype(np.float32) + (image > 1.0), affine)
-    bundle = write_tiny_bundle(str(tmp_path / "bundle"))
-    index = np.array([[5.0, 6.0, 7.0], [10.0, 12.0, 9.0], [15.0, 20.0, 12.0]])
-    np.savetxt(tmp_path / "f.txt", index)
-    np.savetxt(tmp_path / "m.txt", index + [1.0, 0.0, 0.0])  # one voxel along i: 1.2 mm
-    pairs = [{"name": "case1", "moving": "img.nii.gz", "fixed": "img.nii.gz", "moving_labels": "lab.nii.gz",
-              "fixed_labels": "lab.nii.gz", "moving_landmarks": "m.txt", "fixed_landmarks": "f.txt"}]
+
+def test_evaluate_folder_of_pairs(tmp_path):
+    """evaluate_pairs on an exactly known registration: every TRE and Dice equals an independent value.
+
+    The pair is registered with :class:`registration_helpers.AnalyticNetwork` (the closed-form
+    deformation ``T``) on two different oblique grids. Landmark offsets have different lengths, the
+    landmark files are 1-based indices of their own grids, and the labels differ between the two
+    images, so the expected values (from ``T``, ``T⁻¹`` and nearest-neighbour label sampling in numpy)
+    are not 1, 0 or equal to each other: using the forward field for the inverse TRE, the fixed affine
+    for the moving landmarks, 0-based indices, or unwarped labels changes them.
+    """
+    from monai_gradicon.metrics import evaluate_pairs, label_dice
+    from monai_gradicon.registration_model import RegistrationModel
+    from registration_helpers import AnalyticNetwork, blob_intensity
+
+    fixed_affine = oblique_affine()
+    moving_affine = oblique_affine(spacing=(1.0, 1.4, 2.0), angles=(-0.15, 0.35, -0.3), origin=(0.0, 0.0, 0.0))
+    fixed_pts = world_points(fixed_affine, FIXED_SHAPE)
+    moving_affine[:3, 3] = fixed_pts.reshape(-1, 3).mean(0) - moving_affine[:3, :3] @ ((np.array(MOVING_SHAPE) - 1) / 2.0)
+    moving_pts = world_points(moving_affine, MOVING_SHAPE)
+    save(str(tmp_path / "fixed.nii.gz"), blob_intensity(fixed_pts, CENTRE), fixed_affine)
+    save(str(tmp_path / "moving.nii.gz"), 10.0 + blob_intensity(moving_pts, CENTRE), moving_affine)  # brighter: A
+    fixed_blob = blob_intensity(fixed_pts, CENTRE + np.array([1.0, -2.0, 0.5]))
+    moving_blob = blob_intensity(moving_pts, CENTRE + np.array([-1.5, 1.0, 2.0]))
+    fixed_labels = (fixed_blob > 0.5).astype(np.float32) + (fixed_blob > 0.9)
+    moving_labels = (moving_blob > 0.6).astype(np.float32) + (moving_blob > 1.0)
+    save(str(tmp_path / "fixed_labels.nii.gz"), fixed_labels, fixed_affine)
+    save(str(tmp_path / "moving_labels.nii.gz"), moving_labels, moving_affine)
+
+    fixed_index = np.array([[8.0, 9.0, 7.0], [12.0, 14.0, 9.0], [14.0, 11.0, 10.0], [9.0, 15.0, 8.0], [11.0, 12.0, 11.0]])
+    fixed_mm = fixed_index @ fixed_affine[:3, :3].T + fixed_affine[:3, 3]
+    offsets = np.array([[0.5, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, 1.5], [1.2, 1.6, 0.0], [0.0, 0.0, 0.0]])
+    moving_mm = analytic_transform(fixed_mm) + offsets
+    moving_index = _to_index(moving_mm, moving_affine)
+    assert np.all((moving_index > 1) & (moving_index < np.array(MOVING_SHAPE) - 2))
+    np.savetxt(tmp_path / "f.txt", fixed_index + 1)
+    np.savetxt(tmp_path / "m.txt", moving_index + 1)
+    pairs = [{"name": "case1", "moving": "moving.nii.gz", "fixed": "fixed.nii.gz", "moving_labels": "moving_labels.nii.gz",
+              "fixed_labels": "fixed_labels.nii.gz", "moving_landmarks": "m.txt", "fixed_landmarks": "f.txt"}]
     (tmp_path / "pairs.json").write_text(json.dumps(pairs))
-    with pytest.warns(UserWarning):
-        result = evaluate_pairs(str(tmp_path / "pairs.json"), str(tmp_path / "eval"), bundle=bundle, progress=False)
+    network = AnalyticNetwork.build(moving_affine, MOVING_SHAPE, fixed_affine, FIXED_SHAPE, NETWORK_SHAPE)
+    model = RegistrationModel(network=network, spatial_shape=NETWORK_SHAPE, preprocessing="none", name="analytic")
+    result = evaluate_pairs(str(tmp_path / "pairs.json"), str(tmp_path / "eval"), bundle=model, progress=False)
     case = result["pairs"][0]
-    assert case["tre_forward"]["mean"] == pytest.approx(1.2, abs=0.01)
-    assert case["tre_inverse"]["mean"] == pytest.approx(1.2, abs=0.01)
-    assert case["dice_mean"] == pytest.approx(1.0)
-    assert result["summary"]["mtre_forward"]["pairs"] == 1 and result["summary"]["folds_forward"] == 0
-    assert (tmp_path / "eval" / "evaluation.json").is_file()
-    np.savetxt(tmp_path / "m.txt", index[:2])
-    with pytest.raises(ValueError, match="2 moving landmarks but 3 fixed"):
-        evaluate_pairs(str(tmp_path / "pairs.json"), str(tmp_path / "eval2"), bundle=bundle, progress=False)
+
+    forward = np.linalg.norm(offsets, axis=1)  # 0.5, 1, 1.5, 2, 0 mm
+    inverse = np.linalg.norm(fixed_mm - analytic_inverse(moving_mm), axis=1)
+    before = np.linalg.norm(moving_mm - fixed_mm, axis=1)
+    for key, expected in (("tre_forward", forward), ("tre_inverse", inverse), ("tre_before", before)):
+        assert case[key]["mean"] == pytest.approx(expected.mean(), abs=0.02), key
+        assert case[key]["p75"] == pytest.approx(np.percentile(expected, 75), abs=0.02), key
+        assert case[key]["count"] == 5
+    # what the mistakes would give instead: the forward map used for the inverse TRE, no registration
+    assert np.linalg.norm(fixed_mm - analytic_transform(moving_mm), axis=1).mean() > inverse.mean() + 1.0
+    assert before.mean() > forward.mean() + 0.5
+
+    # labels: moving labels at T(x), nearest neighbour, 0 beyond half a voxel outside (ITK)
+    target = _to_index(analytic_transform(fixed_pts), moving_affine)
+    inside = np.all((target >= -0.5) & (target <= np.array(MOVING_SHAPE) - 0.5), axis=-1)
+    nearest = np.clip(np.rint(target).astype(int), 0, np.array(MOVING_SHAPE) - 1)
+    warped = np.where(inside, moving_labels[nearest[..., 0], nearest[..., 1], nearest[..., 2]], 0)
+    expected_dice = label_dice(warped, fixed_labels)
+    assert set(case["dice"]) == {"1", "2"}
+    for label, value in expected_dice.items():
+        assert 0.2 < value < 0.95
+        assert case["dice"][str(label)] == pytest.approx(value, abs=0.01), label
+    assert case["dice_mean"] == pytest.approx(np.mean(list(expected_dice.values())), abs=0.01)
+    summary = result["summary"]
+    assert summary["mtre_forward"]["pairs"] == 1 and summary["mtre_forward"]["mean"] == pytest.approx(case["tre_forward"]["mean"])
+    assert summary["folds_forward"] == 0 and summary["folds_inverse"] == 0
+    with open(tmp_path / "eval" / "evaluation.json") as f:
+        assert json.load(f)["pairs"][0]["tre_forward"] == case["tre_forward"]
+    np.savetxt(tmp_path / "m.txt", moving_index[:2] + 1)
+    with pytest.raises(ValueError, match="2 moving landmarks but 5 fixed"):
+        evaluate_pairs(str(tmp_path / "pairs.json"), str(tmp_path / "eval2"), bundle=model, progress=False)

@@ -9,21 +9,27 @@ import torch
 from reference_oracle import reference_loss, reference_network
 
 from monai_gradicon.maps import map_to_ddf
-from monai_gradicon.networks import four_step_network, load_reference_weights, multistep_network
+from monai_gradicon.networks import (
+    convert_reference_state_dict,
+    four_step_network,
+    load_reference_weights,
+    multistep_network,
+)
 
 
 @pytest.fixture(scope="module")
 def saved_reference_model(tmp_path_factory):
     """The reference lung/knee model (GradientICONSparse, LNCC σ=5, λ=1.5) with random weights, saved as released."""
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the reference's default initialisation
     regis_net = reference_network(3, (2, 1, 0, 0))
+    g = torch.Generator().manual_seed(0)
     for name, p in regis_net.named_parameters():
-        p.data.normal_(0, 0.01 if "lastConv" not in name else 0.002)
+        p.data.normal_(0, 0.01 if "lastConv" not in name else 0.002, generator=g)
     for name, b in regis_net.named_buffers():
         if name.endswith("running_var"):
-            b.data.uniform_(0.5, 1.5)
+            b.data.uniform_(0.5, 1.5, generator=g)
         elif name.endswith("running_mean"):
-            b.data.normal_(0, 0.1)
+            b.data.normal_(0, 0.1, generator=g)
     model = reference_loss("sparse", regis_net, icon.LNCC(sigma=5), 1.5, (1, 1, 65, 66, 67)).eval()
     path = tmp_path_factory.mktemp("weights") / "lung_model_weights_step_2.trch"
     torch.save(model.regis_net.state_dict(), path)
@@ -72,7 +78,29 @@ def test_mismatched_layout_is_an_error_naming_keys(saved_reference_model):
 
 
 def test_two_dimensional_checkpoint_loads_into_two_dimensional_net():
+    torch.manual_seed(0)  # the reference's default initialisation
     regis_net = reference_network(2, (1, 0))
-    net = load_reference_weights(multistep_network(2, (1, 0)), regis_net.state_dict())
-    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in regis_net.parameters())
-    assert icon_losses is not None
+    g = torch.Generator().manual_seed(1)
+    for name, p in regis_net.named_parameters():
+        p.data.normal_(0, 0.02 if "lastConv" not in name else 0.005, generator=g)
+    for name, b in regis_net.named_buffers():
+        if name.endswith("running_var"):
+            b.data.uniform_(0.5, 1.5, generator=g)
+        elif name.endswith("running_mean"):
+            b.data.normal_(0, 0.1, generator=g)
+    net = load_reference_weights(multistep_network(2, (1, 0)), regis_net.state_dict()).eval()
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in regis_net.parameters()) == 2 * 4_756_902
+    state = net.state_dict()
+    converted = convert_reference_state_dict(regis_net.state_dict(), net)
+    assert converted.keys() == state.keys() and all(state[k].equal(v) for k, v in converted.items())
+    # and the loaded network is the reference's: the same DDF on a pair (eval mode: the loaded BatchNorm statistics)
+    shape = (37, 42)
+    model = reference_loss("sparse", regis_net, icon_losses.LNCC(sigma=2), 1.5, (1, 1, *shape)).eval()
+    a = torch.rand((1, 1, *shape), generator=g)
+    b = torch.roll(a, 3, dims=-1)
+    with torch.no_grad():
+        model(a, b)
+        ddf = net(a, b)
+    reference_ddf = map_to_ddf(model.phi_AB_vectorfield)
+    assert float(reference_ddf.abs().max()) > 0.1
+    torch.testing.assert_close(ddf, reference_ddf, rtol=1e-5, atol=1e-5)

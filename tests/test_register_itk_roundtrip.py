@@ -23,6 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from dependencies import require_itk, require_simpleitk
 from registration_helpers import (
     AnalyticNetwork,
     analytic_inverse,
@@ -33,8 +34,8 @@ from registration_helpers import (
     world_points,
 )
 
-itk = pytest.importorskip("itk")
-sitk = pytest.importorskip("SimpleITK")
+itk = require_itk()
+sitk = require_simpleitk()
 
 FIXED_SHAPE = (22, 26, 18)
 MOVING_SHAPE = (24, 20, 21)
