@@ -31,5 +31,5 @@ setup(
         "itk": ["itk>=5.3", "SimpleITK>=2.2"],
         "test": ["pytest", "itk>=5.3", "SimpleITK>=2.2", "jsonschema>=4", "nilearn>=0.10"],
     },
-    entry_points={"console_scripts": ["monai-gradicon=monai_gradicon.cli:main"]},
+    entry_points={"console_scripts": ["monai-gradicon=monai_gradicon.app.cli:main"]},
 )

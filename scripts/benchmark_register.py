@@ -4,9 +4,9 @@ A synthetic 3D pair at the knee network shape (80×192×192 voxels, 0.7×0.36×0
 temporary folder. Each measurement runs in its own subprocess (so peak memory = that process's peak
 RSS) on CPU with one torch thread:
 
-* ours: ``monai_gradicon.register.register(moving, fixed, knee model, out)`` — reads both files,
-  preprocesses, predicts Φ_AB and Φ_BA, writes warped image, displacement fields, ITK transforms
-  (both directions), report;
+* ours: ``monai_gradicon.app.register(moving, fixed, "knee", out, weights=<the .trch>)`` — the knee
+  bundle's pipeline: reads both files, preprocesses (1st/99th percentile window), predicts Φ_AB and
+  Φ_BA, writes warped image, displacement fields, ITK transforms (both directions), report;
 * reference: ``itk.imread`` both files, ``itk_wrapper.register_pair`` (Φ_AB and Φ_BA), then
   ``itk.transformwrite`` of Φ_AB and an ITK linear resampling of the moving image written to disk
   (what ``unigradicon-register`` does).
@@ -66,14 +66,10 @@ def _child(kind: str, folder: str, io_steps: int) -> dict:
 
     torch.set_num_threads(1)
     moving, fixed = os.path.join(folder, "moving.nii.gz"), os.path.join(folder, "fixed.nii.gz")
-    weights = torch.load(os.path.join(folder, "weights.trch"), map_location="cpu", weights_only=True)
     if kind == "ours":
-        from monai_gradicon.networks import four_step_network, load_reference_weights
-        from monai_gradicon.register import register
-        from monai_gradicon.registration_model import RegistrationModel
+        from monai_gradicon.app import load_registration_model, register
 
-        network = load_reference_weights(four_step_network(3), weights).eval()
-        model = RegistrationModel(network=network, spatial_shape=KNEE_SHAPE_ITK, preprocessing="knee", name="knee")
+        model = load_registration_model("knee", weights=os.path.join(folder, "weights.trch"), device="cpu")
         started = time.perf_counter()
         register(moving, fixed, model, os.path.join(folder, f"ours_{io_steps}"), io_steps=io_steps, progress=False)
         seconds = time.perf_counter() - started
@@ -84,6 +80,7 @@ def _child(kind: str, folder: str, io_steps: int) -> dict:
         from icon_registration.pretrained_models.lung_ct import make_network
 
         net = make_network()
+        weights = torch.load(os.path.join(folder, "weights.trch"), map_location="cpu", weights_only=True)
         net.regis_net.load_state_dict(weights, strict=True)
         net.assign_identity_map([1, 1, *KNEE_SHAPE_ITK])
         net.eval()

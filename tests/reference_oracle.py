@@ -6,6 +6,8 @@ import icon_registration as icon
 import icon_registration.losses as icon_losses
 import icon_registration.network_wrappers as icon_wrappers
 import icon_registration.networks as icon_networks
+import numpy as np
+import torch
 
 
 def reference_network(spatial_dims: int, levels, unet=None):
@@ -37,3 +39,27 @@ def reference_loss(kind: str, regis_net, similarity, lmbda, input_shape):
     model = cls(regis_net, similarity, lmbda)
     model.assign_identity_map(list(input_shape))
     return model
+
+
+def transform_points(transform, points) -> np.ndarray:
+    """``transform.TransformPoint`` of each row of ``points`` (ITK, LPS mm)."""
+    return np.array([np.array(transform.TransformPoint(p.tolist())) for p in points])
+
+
+def authors_exact_map(composite, closure, points, network_shape) -> tuple[np.ndarray, np.ndarray]:
+    """The authors' ``register_pair`` composite with its sampled field replaced by their exact map ``closure``.
+
+    Their composite ``[to_net(A), displacement field, inverse(to_net(B))]`` samples the composed multi-step
+    map only at network nodes and ITK interpolates in between; the exact oracle keeps their two affine
+    parts and evaluates their ``phi_AB``/``phi_BA`` closure at the points themselves.
+
+    Returns ``(mapped points, points mapped with zero network displacement)``, LPS mm.
+    """
+    to_target, field, from_source = (composite.GetNthTransform(i) for i in range(3))
+    assert "DisplacementField" in field.GetNameOfClass()
+    network_points = transform_points(from_source, points)  # ITK (x, y, z) = network index (i, j, k)
+    scale = np.array(network_shape, np.float64) - 1.0  # identity-map axis order (k, j, i)
+    unit = torch.from_numpy(network_points[:, ::-1] / scale).to(torch.float32).T.reshape(1, 3, -1, 1, 1)
+    with torch.no_grad():
+        mapped = closure(unit).reshape(3, -1).T.to(torch.float64).numpy()
+    return transform_points(to_target, (mapped * scale)[:, ::-1]), transform_points(to_target, network_points)

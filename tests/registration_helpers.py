@@ -11,12 +11,48 @@ import numpy as np
 TINY_SHAPE = (20, 24, 28)
 
 
-def write_tiny_bundle(root: str, shape=TINY_SHAPE, channels=(8, 8, 8), preprocessing: str = "none") -> str:
-    """A bundle directory whose network is one small GradICON U-Net (fast on CPU); no weights."""
+RAS_CONVENTION = {"order": "file", "align_corners": True, "axcodes": "RAS"}  # MONAI Orientationd(RAS) + Resized(align_corners=True)
+AUTHORS_CONVENTION = {"order": "itk", "align_corners": False, "axcodes": None}  # the authors' itk_wrapper.register_pair
+
+
+def grid_transform(shape, convention: dict | None = None) -> dict:
+    """The ``ToNetworkGridd`` config item of a scan preprocessing (``convention``: RAS by default)."""
+    convention = dict(RAS_CONVENTION if convention is None else convention)
+    return {
+        "_target_": "monai_gradicon.transforms.ToNetworkGridd", "keys": ["image", "mask"], "mask_keys": "mask",
+        "allow_missing_keys": True, "network_shape": list(shape), **convention,
+    }
+
+
+def registration_model_item(name: str, masks: str = "unused", lmbda: float = 1.5, lncc_sigma: int = 1, sparse: bool = False) -> dict:
+    """The ``registration_model`` config item, as the bundles write it."""
+    return {
+        "_target_": "monai_gradicon.app.RegistrationModel", "network": "@network_def",
+        "scan_preprocessing": {"_target_": "Compose", "transforms": "@scan_preprocessing"},
+        "weights": "@weights_file", "masks": masks, "lmbda": lmbda, "lncc_sigma": lncc_sigma, "sparse": sparse,
+        "name": name, "bundle_root": "@bundle_root", "allow_untrained": "@allow_untrained",
+    }
+
+
+def write_tiny_bundle(
+    root: str, shape=TINY_SHAPE, channels=(8, 8, 8), intensity: list | None = None, convention: dict | None = None,
+    masks: str = "unused", network_def: dict | None = None,
+) -> str:
+    """A bundle directory whose network is one small GradICON U-Net (fast on CPU); no weights.
+
+    Args:
+        root: where to write it.
+        shape: the network grid.
+        channels: U-Net channels.
+        intensity: intensity transforms (config items on key ``image``) before the network grid; none by default.
+        convention: the ``ToNetworkGridd`` convention (default: RAS, ``align_corners=True``).
+        masks: the mask policy.
+        network_def: another network config.
+    """
     os.makedirs(os.path.join(root, "configs"), exist_ok=True)
     os.makedirs(os.path.join(root, "models"), exist_ok=True)
     config = {
-        "network_def": {
+        "network_def": network_def or {
             "_target_": "monai_gradicon.networks.multistep_network",
             "spatial_dims": 3,
             "levels": [0],
@@ -28,8 +64,10 @@ def write_tiny_bundle(root: str, shape=TINY_SHAPE, channels=(8, 8, 8), preproces
                 "up_channels": list(channels),
             },
         },
-        "network_shape": list(shape),
-        "registration": {"preprocessing": preprocessing, "lncc_sigma": 1, "lmbda": 1.5, "sparse": False},
+        "weights_file": "$@bundle_root + '/models/model.pt'",
+        "allow_untrained": False,
+        "scan_preprocessing": list(intensity or []) + [grid_transform(shape, convention)],
+        "registration_model": registration_model_item(os.path.basename(os.path.normpath(root)), masks),
     }
     with open(os.path.join(root, "configs", "inference.json"), "w") as f:
         json.dump(config, f, indent=1)
@@ -109,7 +147,7 @@ def write_random_weights(bundle: str, seed: int = 0, std: float = 0.5, kind: str
 
 
 def load_bundle_network(bundle: str):
-    """The bundle's ``network_def`` with its ``models/model.pt`` loaded, in eval mode, built without ``monai_gradicon.register``."""
+    """The bundle's ``network_def`` with its ``models/model.pt`` loaded, in eval mode, built without ``monai_gradicon.app``."""
     import torch
     from monai.bundle import ConfigParser
 
@@ -211,22 +249,38 @@ def analytic_inverse(points: np.ndarray) -> np.ndarray:
     return p
 
 
+ANALYTIC_CONVENTION = {"order": "file", "align_corners": True, "axcodes": None}  # AnalyticNetwork's default convention
+
+
+def _analytic_geometries(moving_affine, moving_shape, fixed_affine, fixed_shape, network_shape, convention):
+    """The two images' ``PairGeometry`` as ``register`` builds them (axis codes: the bundle's, else the fixed image's)."""
+    from monai_gradicon.transforms.network_grid import PairGeometry, axis_codes
+
+    convention = dict(ANALYTIC_CONVENTION if convention is None else convention)
+    codes = convention["axcodes"] or axis_codes(fixed_affine)
+    common = dict(network_shape=tuple(network_shape), order=convention["order"], align_corners=convention["align_corners"], axcodes=codes)
+    return (
+        PairGeometry.from_affine(tuple(moving_shape), moving_affine, **common),
+        PairGeometry.from_affine(tuple(fixed_shape), fixed_affine, **common),
+    )
+
+
 class AnalyticNetwork:
     """Builds a network that returns the network-grid DDF of :func:`analytic_transform` (or its inverse).
 
     The direction is told apart by intensity: the moving test image is brighter than the fixed one,
-    so ``forward(moving, fixed)`` with the brighter image as ``moving`` returns ``Φ_AB``.
+    so ``forward(moving, fixed)`` with the brighter image as ``moving`` returns ``Φ_AB``. The network grid
+    is placed as ``register`` places it under ``convention`` (default: file axis order, ``align_corners=True``,
+    both images brought to the fixed image's axis codes); :func:`analytic_model` wraps it in a
+    ``RegistrationModel`` with that convention.
     """
 
     @staticmethod
-    def build(moving_affine, moving_shape, fixed_affine, fixed_shape, network_shape):
+    def build(moving_affine, moving_shape, fixed_affine, fixed_shape, network_shape, convention: dict | None = None):
         import torch
         from torch import nn
 
-        from monai_gradicon.register import PairGeometry
-
-        geo_a = PairGeometry(tuple(moving_shape), tuple(network_shape), True)
-        geo_b = PairGeometry(tuple(fixed_shape), tuple(network_shape), True)
+        geo_a, geo_b = _analytic_geometries(moving_affine, moving_shape, fixed_affine, fixed_shape, network_shape, convention)
         net_index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in network_shape], indexing="ij"), 0)
         unit = net_index / (np.array(network_shape, dtype=np.float64) - 1).reshape(-1, 1, 1, 1)
         unit_t = torch.from_numpy(unit)[None]
@@ -253,3 +307,55 @@ class AnalyticNetwork:
                 return self.ddf_ab if moving.mean() > fixed.mean() else self.ddf_ba
 
         return _Net()
+
+
+def scan_preprocessing(network_shape, convention: dict | None = None, intensity: list | None = None):
+    """A ``Compose`` of ``intensity`` transforms and the ``ToNetworkGridd`` of ``convention`` (RAS by default)."""
+    from monai.transforms import Compose
+
+    from monai_gradicon.transforms import ToNetworkGridd
+
+    convention = dict(RAS_CONVENTION if convention is None else convention)
+    grid = ToNetworkGridd(keys=["image", "mask"], network_shape=network_shape, mask_keys="mask", allow_missing_keys=True, **convention)
+    return Compose([*(intensity or []), grid])
+
+
+def analytic_model(moving_affine, moving_shape, fixed_affine, fixed_shape, network_shape, convention: dict | None = None):
+    """A ``RegistrationModel`` whose network is :class:`AnalyticNetwork` under ``convention`` (its default if ``None``)."""
+    from monai_gradicon.app import RegistrationModel
+
+    convention = dict(ANALYTIC_CONVENTION if convention is None else convention)
+    network = AnalyticNetwork.build(moving_affine, moving_shape, fixed_affine, fixed_shape, network_shape, convention)
+    return RegistrationModel(network=network, scan_preprocessing=scan_preprocessing(network_shape, convention), name="analytic")
+
+
+# --- networks for the error paths ---------------------------------------------------------------------
+
+def broken_network(failure: str = "runtime"):
+    """A network (``forward(moving, fixed)``) that fails inside ``forward``: an internal error, not bad input.
+
+    Args:
+        failure: ``"runtime"`` raises ``RuntimeError`` (a bug), ``"memory"`` raises ``MemoryError``.
+    """
+    import torch
+    from torch import nn
+
+    class _Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("scale", torch.ones(1))
+
+        def forward(self, moving, fixed):
+            if failure == "memory":
+                raise MemoryError("cannot allocate the network's activations (test)")
+            raise RuntimeError("broken_network: a bug inside forward (test)")
+
+    return _Broken()
+
+
+def write_large_files(bundle: str, url: str = "https://example.org/w.pt", path: str = "models/model.pt") -> str:
+    """A model-zoo ``large_files.yml`` naming ``url`` as the release asset of ``path`` in ``bundle``."""
+    listing = os.path.join(bundle, "large_files.yml")
+    with open(listing, "w") as f:
+        f.write(f"large_files:\n  - path: {path}\n    url: {url}\n")
+    return listing

@@ -152,7 +152,9 @@ def test_demo_ckpt_export_matches_eager(demo_run):
 # --------------------------------------------------------------------------------------- metadata, shapes
 
 
-@pytest.mark.parametrize("bundle", ["gradicon_demo_2d", "gradicon_knee_mri", "gradicon_lung_ct"])
+@pytest.mark.parametrize(
+    "bundle", ["gradicon_demo_2d", "gradicon_knee_mri", "gradicon_lung_ct", "gradicon_brain_mri", "unigradicon", "multigradicon"]
+)
 def test_verify_metadata_offline(bundle, tmp_path):
     from monai.bundle import verify_metadata
 
@@ -197,7 +199,7 @@ def write_nifti(path: str, array: np.ndarray, spacing: float = 1.0) -> str:
 
 @pytest.fixture(scope="module")
 def nifti_pairs(tmp_path_factory):
-    """Two real NIfTI pairs (phantom CT in HU with lung masks) and landmark files, with a datalist."""
+    """Two real NIfTI pairs (phantom CT in HU with lung masks as labels and masks) and landmark files, with a datalist."""
     from monai_gradicon.data import SyntheticPairDataset
 
     root = tmp_path_factory.mktemp("nifti")
@@ -211,6 +213,7 @@ def nifti_pairs(tmp_path_factory):
             names[key] = write_nifti(str(root / f"case{i}_{key}.nii.gz"), hu, spacing=3.0)
             mask = (item[f"{key}_label"][0].numpy() > 0).astype(np.float32)
             names[f"{key}_label"] = write_nifti(str(root / f"case{i}_{key}_mask.nii.gz"), mask, spacing=3.0)
+            names[f"{key}_mask"] = names[f"{key}_label"]  # lung masks: the lung model multiplies by them
             points = np.array([[5, 6, 7], [12, 13, 11], [20, 18, 15]], dtype=float)
             np.savetxt(root / f"case{i}_{key}_landmarks.txt", points, fmt="%d")
             names[f"{key}_landmarks"] = str(root / f"case{i}_{key}_landmarks.txt")
@@ -220,25 +223,33 @@ def nifti_pairs(tmp_path_factory):
     return root
 
 
-def test_knee_bundle_synthetic_train_evaluate_and_nifti_inference(tmp_path, nifti_pairs):
+def test_knee_bundle_synthetic_train_then_physical_evaluation_and_inference(tmp_path, nifti_pairs):
+    """train.json on synthetic pairs, then the trained model.pt through inference.json + evaluate.json on NIfTI pairs."""
     tmp = str(tmp_path)
     common = ["--synthetic", "True", "--synthetic_pairs", "1", "--val_pairs", "1", "--batch_size", "1", *TINY_3D]
     out = ok(bundle_cmd(tmp, "gradicon_knee_mri", configs("gradicon_knee_mri", "train.json"), "--epochs", "1", *common))
     assert "similarity" in out and os.path.isfile(os.path.join(tmp, "models", "model.pt"))
-    ok(bundle_cmd(tmp, "gradicon_knee_mri", configs("gradicon_knee_mri", "train.json", "evaluate.json"), *common))
-    metrics = read_metrics(os.path.join(tmp, "eval", "metrics.csv"))
-    assert {"val_mse", "val_dice", "val_folds_percent"} <= set(metrics)
-    # inference on real NIfTI files listed in a datalist ('testing' section)
-    ok(bundle_cmd(
-        tmp, "gradicon_knee_mri", configs("gradicon_knee_mri", "inference.json"),
-        "--datalist_file", str(nifti_pairs / "datalist.json"), *TINY_3D,
-    ))
-    ddf = nib.load(os.path.join(tmp, "eval", "case1_moving_ddf.nii.gz"))
-    assert ddf.shape[:3] == (34, 34, 34) and ddf.shape[-1] == 3
-    assert os.path.isfile(os.path.join(tmp, "eval", "case1_moving_warped.nii.gz"))
+    datalist = json.load(open(nifti_pairs / "datalist.json"))  # the knee model uses no masks: a datalist without them
+    knee = {section: [{k: v for k, v in e.items() if not k.endswith("_mask")} for e in entries] for section, entries in datalist.items()}
+    (tmp_path / "knee.json").write_text(json.dumps(knee))
+    trained = ["--weights_file", os.path.join(tmp, "models", "model.pt"), "--datalist_file", str(tmp_path / "knee.json"), *TINY_3D]
+    ok(bundle_cmd(tmp, "gradicon_knee_mri", configs("gradicon_knee_mri", "inference.json", "evaluate.json"), *trained))
+    with open(os.path.join(tmp, "eval", "evaluation.json")) as f:
+        evaluation = json.load(f)
+    (pair,) = evaluation["pairs"]  # the validation section: case 0
+    assert pair["id"] == "0" and 0.0 <= pair["dice_mean"] <= 1.0 and pair["tre_forward"]["mean"] >= 0.0
+    # inference on the 'testing' section: register's outputs in physical space, one folder per pair
+    ok(bundle_cmd(tmp, "gradicon_knee_mri", configs("gradicon_knee_mri", "inference.json"), *trained))
+    field = nib.load(os.path.join(tmp, "eval", "0", "displacement_mm.nii.gz"))
+    assert field.shape == (24, 26, 22, 1, 3) and np.abs(field.get_fdata()).max() > 0
+    np.testing.assert_allclose(field.affine, np.diag([3.0, 3.0, 3.0, 1.0]), atol=1e-6)
+    with open(os.path.join(tmp, "eval", "0", "report.json")) as f:
+        report = json.load(f)
+    assert report["weights"] == os.path.join(tmp, "models", "model.pt")
+    assert report["resampling"]["order"] == "itk" and report["resampling"]["align_corners"] is False
 
 
-def test_lung_bundle_nifti_train_and_synthetic_inference(tmp_path, nifti_pairs):
+def test_lung_bundle_nifti_train_and_inference(tmp_path, nifti_pairs):
     tmp = str(tmp_path)
     data = ["--datalist_file", str(nifti_pairs / "datalist.json"), "--batch_size", "1", *TINY_3D]
     out = ok(bundle_cmd(tmp, "gradicon_lung_ct", configs("gradicon_lung_ct", "train.json"), "--epochs", "1", *data))
@@ -246,12 +257,41 @@ def test_lung_bundle_nifti_train_and_synthetic_inference(tmp_path, nifti_pairs):
         assert re.search(rf"gamma_{q}: [0-9.]+", out)
     assert os.path.isfile(os.path.join(tmp, "models", "model.pt"))
     ok(bundle_cmd(
-        tmp, "gradicon_lung_ct", configs("gradicon_lung_ct", "inference.json"), "--synthetic", "True", "--num_pairs", "1",
-        *TINY_3D,
+        tmp, "gradicon_lung_ct", configs("gradicon_lung_ct", "inference.json"),
+        "--weights_file", os.path.join(tmp, "models", "model.pt"), *data,
     ))
-    ddf = nib.load(os.path.join(tmp, "eval", "phantom0_moving_ddf.nii.gz"))
-    assert ddf.shape[:3] == (34, 34, 34) and ddf.shape[-1] == 3 and np.abs(ddf.get_fdata()).max() > 0
-    assert os.path.getsize(os.path.join(tmp, "eval", "registration_0.png")) > 1000
+    with open(os.path.join(tmp, "eval", "0", "report.json")) as f:
+        report = json.load(f)
+    assert report["masks"] == {"policy": "required", "moving": True, "fixed": True}
+    assert report["max_displacement_mm"] > 0 and os.path.isfile(os.path.join(tmp, "eval", "0", "transform.h5"))
+
+
+def test_train_and_inference_configs_feed_the_network_alike():
+    """One convention per bundle: train.json's file transforms and inference.json's scan preprocessing agree.
+
+    Same ``ToNetworkGridd`` convention and grid, same intensity transforms (target and arguments, up to the
+    keys they apply to), so the weights a bundle trains are fed at inference as they were trained.
+    """
+    for bundle in ("gradicon_knee_mri", "gradicon_lung_ct"):
+        train = json.load(open(configs(bundle, "train.json")))
+        infer = json.load(open(configs(bundle, "inference.json")))
+        assert train["convention"] == {**infer["convention"], "_desc_": train["convention"]["_desc_"]}
+        assert train["image_shape"] == infer["image_shape"]
+        grids = [t for t in train["file_transforms"] if t["_target_"].endswith("ToNetworkGridd")]
+        assert len(grids) == 2 and all(t["order"] == infer["to_network_grid"]["order"] for t in grids)
+
+        def intensity(transforms):
+            out = []
+            for t in transforms:
+                if t["_target_"].endswith(("ToNetworkGridd", "LoadImaged", "EnsureTyped", "DeleteItemsd")):
+                    continue
+                out.append({k: v for k, v in t.items() if k not in ("keys", "mask_key", "_desc_")})
+            return out
+
+        trained = intensity(train["file_transforms"])
+        inferred = intensity(infer["intensity"])
+        # train.json applies each transform to moving and fixed (one item for both or one item each)
+        assert [t for i, t in enumerate(trained) if t not in trained[:i]] == inferred, (bundle, trained, inferred)
 
 
 # moving = the fixed scan stored with its axes permuted and flipped: file axis 0 of the moving image runs
@@ -266,14 +306,12 @@ def test_lung_bundle_tre_with_differently_stored_pair_and_landmark_files(tmp_pat
     The fixed scan (RAS, 3 mm) and the moving scan (the same volume stored with permuted, flipped axes:
     another affine, another array layout) hold the same anatomy; the moving landmark file lists, as
     1-based voxel indices of the *moving* file, the fixed landmarks shifted by ``LANDMARK_SHIFT_MM``
-    (6.708 mm). With the network's initial weights (zero last layers: the DDF is exactly 0), the bundle's
-    preprocessing brings both scans to the same 2 mm RAS grid, so the expected values are exact: mTRE =
-    |shift| = 6.708 mm, Dice of the lung masks 1, MSE 0. A 0/1-based slip, a reversed axis order or a
-    landmark read through the wrong image's affine moves the two landmark sets differently and changes
-    the mTRE by ≥ 1 mm (tolerance 1e-3 mm).
+    (6.708 mm). With the network's initial weights (``--allow_untrained``: zero last layers, the DDF is
+    exactly 0) and the moving scan brought to the fixed scan's axis codes before the network, the
+    transform is the identity in mm, so the expected values are exact: mTRE = |shift| = 6.708 mm both ways,
+    Dice of the lung masks 1, no folds. A 0/1-based slip, a reversed axis order, a landmark read through
+    the wrong image's affine or a moving scan fed unpermuted changes the mTRE by ≥ 1 mm (tolerance 1e-3 mm).
     """
-    from monai.bundle import ConfigParser
-
     from monai_gradicon.data import SyntheticPairDataset
 
     item = SyntheticPairDataset((24, 26, 22), length=1, kind="phantom", seed=7)[0]
@@ -300,6 +338,7 @@ def test_lung_bundle_tre_with_differently_stored_pair_and_landmark_files(tmp_pat
         for name, array in ((key, image), (f"{key}_label", label)):
             entry[name] = str(root / f"{name}.nii.gz")
             nib.save(nib.Nifti1Image(np.ascontiguousarray(array, dtype=np.float32), affine), entry[name])
+        entry[f"{key}_mask"] = entry[f"{key}_label"]
     fixed_index = np.array([[5, 6, 7], [12, 13, 11], [20, 18, 15], [3, 22, 9]], dtype=float)
     world = fixed_index @ fixed_affine[:3, :3].T + fixed_affine[:3, 3] + LANDMARK_SHIFT_MM
     moving_index = (world - moving_affine[:3, 3]) @ np.linalg.inv(moving_affine[:3, :3]).T
@@ -309,20 +348,19 @@ def test_lung_bundle_tre_with_differently_stored_pair_and_landmark_files(tmp_pat
         np.savetxt(entry[f"{key}_landmarks"], np.round(index) + 1, fmt="%d")  # DirLab files are 1-based
     (root / "datalist.json").write_text(json.dumps({"training": [entry], "validation": [entry], "testing": [entry]}))
 
-    # the network as the config builds it, saved untrained: its zero-initialised last layers give DDF = 0
-    overrides = {TINY_3D[i].lstrip("-"): json.loads(TINY_3D[i + 1]) for i in range(0, len(TINY_3D), 2)}
-    parser = ConfigParser()
-    parser.read_config(configs("gradicon_lung_ct", "train.json"))
-    parser.update(overrides)
-    (tmp_path / "models").mkdir()
-    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "models" / "model.pt")
     ok(bundle_cmd(
-        str(tmp_path), "gradicon_lung_ct", configs("gradicon_lung_ct", "train.json", "evaluate.json"), "--landmarks", "True",
-        "--datalist_file", str(root / "datalist.json"), "--batch_size", "1", *TINY_3D,
+        str(tmp_path), "gradicon_lung_ct", configs("gradicon_lung_ct", "inference.json", "evaluate.json"),
+        "--allow_untrained", "True", "--datalist_file", str(root / "datalist.json"), *TINY_3D,
     ))
-    metrics = read_metrics(os.path.join(str(tmp_path), "eval", "metrics.csv"))
-    assert abs(metrics["val_tre_mm"] - float(np.linalg.norm(LANDMARK_SHIFT_MM))) < 1e-3, metrics
-    assert metrics["val_dice"] > 1 - 1e-6 and metrics["val_mse"] < 1e-10, metrics
+    with open(tmp_path / "eval" / "evaluation.json") as f:
+        (pair,) = json.load(f)["pairs"]
+    shift = float(np.linalg.norm(LANDMARK_SHIFT_MM))
+    assert abs(pair["tre_before"]["mean"] - shift) < 1e-3, pair
+    assert abs(pair["tre_forward"]["mean"] - shift) < 1e-3 and abs(pair["tre_inverse"]["mean"] - shift) < 1e-3, pair
+    assert pair["dice_mean"] > 1 - 1e-6 and pair["folds_forward"] == 0, pair
+    with open(tmp_path / "eval" / "0" / "report.json") as f:
+        report = json.load(f)
+    assert report["axis_codes"]["moving_reoriented"] and report["axis_codes"]["network_input"] == "RAS"
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -372,12 +410,12 @@ def test_wrong_channel_count_names_the_file(tmp_path, nifti_pairs):
     (tmp_path / "d.json").write_text(json.dumps(datalist))
     with pytest.raises(Exception) as info:
         _run_in_process(
-            configs("gradicon_knee_mri", "inference.json"), datalist_file=str(tmp_path / "d.json"), load_pretrain=False,
+            configs("gradicon_knee_mri", "inference.json"), datalist_file=str(tmp_path / "d.json"), allow_untrained=True,
             output_dir=str(tmp_path / "e"), image_shape=[34, 34, 34], levels=[1, 0],
             unet_down_channels=[8, 8, 8, 8, 8], unet_up_channels=[8, 8, 8, 8, 8],
         )
     text = _chain(info.value)
-    assert "two_channel.nii.gz" in text and "1 channel(s), got 2" in text
+    assert "two_channel.nii.gz" in text and "must have one channel, got 2 channels" in text
 
 
 def test_mismatched_pair_shapes_name_both_files(tmp_path):

@@ -1,4 +1,8 @@
-"""The ``monai-gradicon`` command: bad input gives one error line, exit code 2, and no result files."""
+"""The ``monai-gradicon`` command: bad input gives one error line, exit code 2, and no result files.
+
+An internal failure (a bug, out of memory) exits with code 1 and its traceback, never with the wording of
+bad input; the mask policy of a bundle and its missing weights are bad input.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,17 @@ import pytest
 import torch
 
 from dependencies import require_reference
-from registration_helpers import blob_intensity, oblique_affine, read_field, save, world_points, write_random_weights, write_tiny_bundle
+from registration_helpers import (
+    AUTHORS_CONVENTION,
+    blob_intensity,
+    oblique_affine,
+    read_field,
+    save,
+    world_points,
+    write_large_files,
+    write_random_weights,
+    write_tiny_bundle,
+)
 
 SHAPE = (22, 26, 18)
 
@@ -31,7 +45,9 @@ def files(tmp_path_factory):
     save(str(root / "labels_small.nii.gz"), np.ones((10, 10, 10), np.float32), affine)
     (root / "notes.nii.gz").write_text("this is not an image")
     (root / "a_file").write_text("x")
+    save(str(root / "mask.nii.gz"), (image > 0.3).astype(np.float32), affine)
     bundle = write_tiny_bundle(str(root / "bundle"))
+    write_random_weights(bundle)  # a bundle with weights: the errors below are about the inputs, not the weights
     return root, good, bundle
 
 
@@ -44,14 +60,17 @@ def files(tmp_path_factory):
         ("label grid mismatch", {"moving_labels": "labels_small.nii.gz"}, "must lie on the grid"),
         ("NaN in image", {"moving": "nan.nii.gz"}, "1 NaN/inf voxel"),
         ("unwritable output", {"out": "a_file/result"}, "output folder .* is not writable"),
+        ("modality for a bundle without one", {"modality": "mri"}, "has no setting 'modality'"),
+        ("unknown modality", {"modality": "pet"}, "modality must be 'ct' or 'mri', got 'pet'"),
+        ("unknown bundle name", {"bundle": "kneee"}, "bundle must be one of .* got 'kneee'"),
     ],
 )
 def test_bad_input_one_error_line_nonzero_exit_no_outputs(files, capsys, case, extra, message):
-    from monai_gradicon.cli import main
+    from monai_gradicon.app.cli import main
 
     root, good, bundle = files
     args = {"moving": good, "fixed": good, "bundle": bundle, "out": str(root / f"out_{case.replace(' ', '_')}")}
-    args.update({k: (str(root / v) if k != "bundle" else v) for k, v in extra.items()})
+    args.update({k: (str(root / v) if k not in ("bundle", "modality") else v) for k, v in extra.items()})
     argv = ["register"] + [f"--{k.replace('_', '-')}={v}" for k, v in args.items()] + ["--quiet"]
     code = main(argv)
     err = capsys.readouterr().err
@@ -72,8 +91,8 @@ def test_register_command_writes_what_register_writes(files, tmp_path, capsys):
     labels, 2 instance-optimisation steps at lr 1e-3 and seed 3: a dropped or swapped argument (moving
     and fixed, the learning rate, the seed, the labels) changes the field or the report.
     """
-    from monai_gradicon.cli import main
-    from monai_gradicon.register import register
+    from monai_gradicon.app.cli import main
+    from monai_gradicon.app import register
 
     root, good, _ = files
     affine = oblique_affine()
@@ -110,11 +129,11 @@ def test_register_command_writes_what_register_writes(files, tmp_path, capsys):
 
 
 def test_console_script_exit_code(files, tmp_path):
-    """The installed entry point (python -m monai_gradicon.cli) fails with code 2 on a missing file."""
+    """The module form of the entry point (python -m monai_gradicon.app.cli) fails with code 2 on a missing file."""
     root, good, bundle = files
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, "-m", "monai_gradicon.cli", "register", "--moving", str(tmp_path / "nope.nii"), "--fixed", good,
+        [sys.executable, "-m", "monai_gradicon.app.cli", "register", "--moving", str(tmp_path / "nope.nii"), "--fixed", good,
          "--bundle", bundle, "--out", str(tmp_path / "o")],
         capture_output=True, text=True, env=env, timeout=300,
     )
@@ -127,8 +146,8 @@ def test_convert_weights_imports_reference_checkpoint(tmp_path, capsys):
     """A reference (icon_registration) 1-step checkpoint becomes the bundle's model.pt; outputs then agree."""
     require_reference()
 
-    from monai_gradicon.cli import main
-    from monai_gradicon.registration_model import load_registration_model
+    from monai_gradicon.app.cli import main
+    from monai_gradicon.app import load_registration_model
     from reference_oracle import reference_network
 
     with torch.random.fork_rng():  # the reference network initialises from the global RNG
@@ -140,7 +159,7 @@ def test_convert_weights_imports_reference_checkpoint(tmp_path, capsys):
             p.add_(torch.randn(p.shape, generator=generator) * 0.01)
     torch.save(reference.state_dict(), tmp_path / "ref.trch")
     bundle = tmp_path / "bundle"
-    write_tiny_bundle(str(bundle), shape=(17, 17, 17))
+    write_tiny_bundle(str(bundle), shape=(17, 17, 17), convention=AUTHORS_CONVENTION)  # the authors' weights need theirs
     config = json.loads((bundle / "configs" / "inference.json").read_text())
     del config["network_def"]["subnetwork"]  # default GradICONUNet = reference tallUNet2
     (bundle / "configs" / "inference.json").write_text(json.dumps(config))
@@ -157,3 +176,104 @@ def test_convert_weights_imports_reference_checkpoint(tmp_path, capsys):
     assert theirs.abs().max() > 1e-3  # a real output, far above the tolerance (an unloaded network gives 0)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert main(["convert-weights", "--source", str(tmp_path / "none.trch"), "--out", str(out)]) == 2
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("monai-gradicon: error:")]
+
+
+def test_untrained_bundle_is_refused_with_one_line_naming_the_file_and_runs_when_allowed(files, tmp_path, capsys):
+    """No weights file: exit 2, one line naming it (and, with a ``large_files.yml``, the URL and where to put it).
+
+    ``--allow-untrained`` runs it, and the report says the result is not a registration.
+    """
+    from monai_gradicon.app.cli import main
+
+    root, good, _ = files
+    bundle = write_tiny_bundle(str(tmp_path / "untrained"))
+    weights = os.path.join(bundle, "models", "model.pt")
+    argv = ["register", "--moving", good, "--fixed", good, "--bundle", bundle, "--quiet"]
+    assert main(argv + ["--out", str(tmp_path / "refused")]) == 2
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and weights in errors[0] and "--allow-untrained" in errors[0], errors
+    assert not (tmp_path / "refused").exists()
+    write_large_files(bundle, "https://example.org/w.pt")
+    assert main(argv + ["--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    errors = _error_lines(err)
+    assert len(errors) == 1 and len(err.strip().splitlines()) == 1, err
+    assert "https://example.org/w.pt" in errors[0] and f"put it at {weights}" in errors[0], errors[0]
+    assert not (tmp_path / "refused").exists()
+    assert main(argv + ["--out", str(tmp_path / "allowed"), "--allow-untrained"]) == 0
+    report = json.loads((tmp_path / "allowed" / "report.json").read_text())
+    assert report["weights"] is None
+    assert any("not a registration" in note for note in report["notes"]), report["notes"]
+
+
+MASK_CASES = [
+    # policy, masks given, exit code, message of the one error line
+    ("unused", ("moving", "fixed"), 2, "does not use masks"),
+    ("unused", ("fixed",), 2, "does not use masks"),
+    ("required", (), 2, "give both --moving-mask and --fixed-mask"),
+    ("required", ("moving",), 2, "give both --moving-mask and --fixed-mask"),
+    ("optional", ("fixed",), 2, "give masks for both images or for none"),
+    ("optional", ("moving", "fixed"), 0, None),
+    ("optional", (), 0, None),
+]
+
+
+@pytest.mark.parametrize("policy, given, code, message", MASK_CASES, ids=[f"{p}-{'+'.join(g) or 'none'}" for p, g, _, _ in MASK_CASES])
+def test_masks_against_the_bundle_policy_are_refused_with_one_line(files, tmp_path, capsys, policy, given, code, message):
+    """Masks a bundle does not use, a required mask missing, one optional mask of two: exit 2, one line, no outputs."""
+    from monai_gradicon.app.cli import main
+
+    root, good, _ = files
+    intensity = [{"_target_": "monai_gradicon.transforms.ApplyMaskd", "keys": "image", "mask_key": "mask",
+                  "required": policy == "required"}] if policy != "unused" else None
+    bundle = write_tiny_bundle(str(tmp_path / "bundle"), masks=policy, intensity=intensity)
+    write_random_weights(bundle)
+    out = tmp_path / "out"
+    argv = ["register", "--moving", good, "--fixed", good, "--bundle", bundle, "--out", str(out), "--quiet"]
+    for role in given:
+        argv += [f"--{role}-mask", str(root / "mask.nii.gz")]
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    if code == 2:
+        errors = _error_lines(err)
+        assert len(errors) == 1 and len(err.strip().splitlines()) == 1, err
+        assert message in errors[0], errors[0]
+        assert not out.exists() or os.listdir(out) == []
+    else:
+        report = json.loads((out / "report.json").read_text())
+        assert report["masks"] == {"policy": policy, "moving": "moving" in given, "fixed": "fixed" in given}
+
+
+@pytest.mark.parametrize("failure, hint", [("runtime", None), ("memory", "out of memory")])
+def test_internal_error_exits_1_with_traceback_never_as_bad_input(files, tmp_path, capsys, failure, hint):
+    """A network that fails inside ``forward`` (a bug, or out of memory) is an internal error, not bad input.
+
+    Exit code 1, the traceback (down to the raising ``forward``), a last line ``monai-gradicon: internal
+    error: <type>`` (with the out-of-memory hint for a MemoryError), no ``monai-gradicon: error:`` line,
+    and no result files.
+    """
+    import torch
+
+    from monai_gradicon.app.cli import main
+    from registration_helpers import broken_network
+
+    root, good, _ = files
+    bundle = write_tiny_bundle(str(tmp_path / "broken"), network_def={"_target_": "registration_helpers.broken_network",
+                                                                      "failure": failure})
+    torch.save(broken_network(failure).state_dict(), os.path.join(bundle, "models", "model.pt"))
+    out = tmp_path / "out"
+    code = main(["register", "--moving", good, "--fixed", good, "--bundle", bundle, "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "Traceback (most recent call last)" in err and "in forward" in err, err
+    expected = {"runtime": "RuntimeError: broken_network: a bug inside forward", "memory": "MemoryError: cannot allocate"}[failure]
+    assert expected in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"monai-gradicon: internal error: {'RuntimeError' if failure == 'runtime' else 'MemoryError'}"), last
+    assert (hint in last) if hint else ("out of memory" not in last)
+    assert _error_lines(err) == []
+    assert not out.exists() or os.listdir(out) == []

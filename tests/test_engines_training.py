@@ -5,19 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from monai.data import MetaTensor
 
 from monai_gradicon.engines import (
     BidirectionalRegistration,
     FoldPercentageMetric,
     GradICONTrainingLoss,
     PairToDDF,
-    landmark_tre,
     latest_checkpoint,
 )
 from monai_gradicon.losses import GradICONLoss, GradICONObjective, SelfAdaptiveNCCLoss
 from monai_gradicon.networks import GradICONUNet, multistep_network
-from monai_gradicon.transforms import LandmarksToGridd, WarpWithDDFd, load_pair_datalist
+from monai_gradicon.transforms import WarpWithDDFd, load_pair_datalist
 from monai_gradicon.visualize import checkerboard, grid_image, overview_image, save_overview_png
 
 
@@ -114,7 +112,7 @@ def test_pair_to_ddf_is_transparent_for_checkpoints():
         wrapper(torch.zeros(1, 3, 16, 16))
 
 
-def test_fold_metric_and_landmark_tre():
+def test_fold_metric():
     ddf = torch.zeros(1, 2, 10, 10)
     ddf[0, 0, 5:, :] = -3.0  # a step backwards: folds along axis 0
     metric = FoldPercentageMetric()
@@ -124,26 +122,6 @@ def test_fold_metric_and_landmark_tre():
     metric.reset()
     metric(torch.zeros(1, 2, 10, 10), None)
     assert float(metric.aggregate()) == 0.0
-    shift = torch.zeros(3, 8, 8, 8)
-    shift[1] = 2.0  # fixed point x maps to x + 2 voxels along axis 1
-    fixed = torch.tensor([[1.0, 1.0, 1.0], [4.0, 3.0, 2.0]])
-    assert float(landmark_tre(shift, fixed, fixed + torch.tensor([0.0, 2.0, 0.0]), (2.0, 2.0, 2.0))) == pytest.approx(0.0, abs=1e-6)
-    assert float(landmark_tre(shift, fixed, fixed, (2.0, 1.5, 2.0))) == pytest.approx(3.0, abs=1e-6)
-
-
-def test_landmarks_follow_the_affines():
-    original = torch.diag(torch.tensor([3.0, 3.0, 3.0, 1.0])).double()
-    grid = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])).double()
-    grid[:3, 3] = torch.tensor([4.0, -2.0, 0.0])  # e.g. after 2 mm resampling and a crop
-    data = {}
-    for key in ("fixed", "moving"):
-        data[key] = MetaTensor(torch.zeros(1, 4, 4, 4), affine=grid, meta={"original_affine": original})
-    data["fixed_landmarks"] = np.array([[5.0, 6.0, 7.0]])  # 1-based
-    data["moving_landmarks"] = np.array([[1.0, 1.0, 1.0]])
-    out = LandmarksToGridd()(data)["landmarks"]
-    expected_fixed = (np.array([4.0, 5.0, 6.0]) * 3.0 - np.array([4.0, -2.0, 0.0])) / 2.0
-    np.testing.assert_allclose(out[0, 0].numpy(), expected_fixed, atol=1e-5)
-    np.testing.assert_allclose(out[1, 0].numpy(), (0.0 - np.array([4.0, -2.0, 0.0])) / 2.0, atol=1e-5)
 
 
 def test_warp_with_ddf_matches_shift():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -109,18 +110,19 @@ def test_pair_geometry_is_where_f_interpolate_samples(dims, align_corners):
     Each channel of the file image is a ramp holding its voxel's index along one file axis, so the linear
     resize gives, at every network voxel, the file index it sampled (exact: linear interpolation of a linear
     function; at the borders of an ``align_corners=False`` up-sampling F.interpolate clamps to the first/last
-    voxel). ``reverse_axes=True``: network axis ``a`` shows file axis ``D-1-a`` (ITK array order).
+    voxel). ``order="itk"``: network axis ``a`` shows file axis ``D-1-a`` (ITK array order).
     """
-    from monai_gradicon.register import PairGeometry, _to_network
+    from monai_gradicon.transforms.network_grid import PairGeometry
 
     file_shape, network_shape = RESIZES[dims]
-    geometry = PairGeometry(file_shape, network_shape, reverse_axes=True, align_corners=align_corners)
+    geometry = PairGeometry.from_affine(file_shape, np.eye(dims + 1), network_shape, order="itk", align_corners=align_corners)
+    assert geometry.axis_order == tuple(reversed(range(dims)))
     ramps = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in file_shape], indexing="ij"))
     reversed_layout = ramps[None].permute(0, 1, *range(dims + 1, 1, -1))  # network axis a = file axis D-1-a
     mode = "bilinear" if dims == 2 else "trilinear"
     sampled = F.interpolate(reversed_layout, size=network_shape, mode=mode, align_corners=align_corners)[0]
     # the register pipeline's resize is this one (the same axes, the same convention)
-    torch.testing.assert_close(_to_network(ramps[:1], geometry, torch.device("cpu"))[0, 0], sampled[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(geometry.to_network(ramps[None, :1], "linear")[0, 0], sampled[0], rtol=0, atol=1e-12)
 
     # network voxel centres n/(N-1) -> file indices: what F.interpolate sampled there
     centres = torch.stack(torch.meshgrid(
@@ -142,22 +144,23 @@ def test_pair_geometry_is_where_f_interpolate_samples(dims, align_corners):
     torch.testing.assert_close(geometry.unit_to_index(unit), sampled_index[inside], rtol=0, atol=1e-12)
 
 
+# axes permuted and flipped (stored codes "PSL"): RAS x = file axis 2 (read backwards), y = file axis 0 (backwards), z = 1
+PERMUTED_AFFINE = np.array([[0.0, 0.0, -2.0, 10.0], [-1.5, 0.0, 0.0, 4.0], [0.0, 1.0, 0.0, -3.0], [0, 0, 0, 1.0]])
+
+
 def test_pair_geometry_ras_convention_matches_the_bundle_transforms(tmp_path):
-    """A bundle directory's convention (RAS reorientation, align_corners=True) is what Orientationd + Resized do."""
+    """The RAS convention (``order="file"``, ``axcodes="RAS"``, ``align_corners=True``) is what Orientation + Resize do."""
     from monai.transforms import LoadImage, Orientation, Resize
 
     from monai_gradicon.io import load_image
-    from monai_gradicon.register import PairGeometry, _to_network
-    from monai_gradicon.registration_model import RegistrationModel
+    from monai_gradicon.transforms.network_grid import PairGeometry
 
     shape, network_shape = (6, 9, 7), (11, 8, 13)
-    affine = np.array([[0.0, 0.0, -2.0, 10.0], [-1.5, 0.0, 0.0, 4.0], [0.0, 1.0, 0.0, -3.0], [0, 0, 0, 1.0]])  # axes permuted and flipped
     volume = np.random.default_rng(0).random(shape).astype(np.float32)
-    path = save(tmp_path / "oblique.nii.gz", volume, affine)
-    model = RegistrationModel(network=torch.nn.Identity(), spatial_shape=network_shape, orientation="RAS", align_corners=True)
+    path = save(tmp_path / "oblique.nii.gz", volume, PERMUTED_AFFINE)
     image = load_image(path)
-    geometry = PairGeometry.for_image(image, model)
-    ours = _to_network(image.array, geometry, torch.device("cpu"))[0]
+    geometry = PairGeometry.from_affine(image.spatial_shape, image.affine, network_shape, order="file", align_corners=True, axcodes="RAS")
+    ours = geometry.to_network(image.array[None], "linear")[0]
     monai_image = LoadImage(image_only=True, ensure_channel_first=True)(path)
     expected = Resize(network_shape, mode="trilinear", align_corners=True)(Orientation("RAS")(monai_image))
     torch.testing.assert_close(ours, torch.as_tensor(expected).as_subclass(torch.Tensor).float(), atol=1e-5, rtol=1e-5)
@@ -178,12 +181,64 @@ def test_pair_geometry_ras_convention_matches_the_bundle_transforms(tmp_path):
     assert not torch.equal(ras_layout, image.array[0].permute(2, 0, 1))  # the flips are applied, not just the permutation
 
 
+@pytest.mark.parametrize("affine_kind", ["permuted", "oblique", "oblique_ras"])
+def test_to_network_gridd_ras_equals_monai_orientation_and_resize(tmp_path, affine_kind):
+    """``ToNetworkGridd`` in the RAS convention = MONAI ``Orientation("RAS")`` + ``Resize(align_corners=True)``.
+
+    Values (1e-5) and the output ``MetaTensor``'s affine (1e-6 mm) equal MONAI's; ``network_affine`` (the
+    affine ToNetworkGridd writes) carries network voxel ``n`` to where ``unit_to_index(n / (N − 1))`` lands
+    in the file, mapped through the file's affine (1e-9 mm), and masks are resized by nearest neighbour.
+    """
+    from monai.data import MetaTensor
+    from monai.transforms import LoadImage, Orientation, Resize
+
+    from monai_gradicon.io import apply_affine
+    from monai_gradicon.transforms import ToNetworkGridd
+
+    shape, network_shape = (6, 9, 7), (11, 8, 13)
+    affine = {
+        "permuted": PERMUTED_AFFINE,
+        "oblique": oblique_affine(spacing=(1.3, 0.8, 2.1), angles=(0.3, -0.2, 2.0)),  # codes "ALS": reoriented
+        "oblique_ras": oblique_affine(spacing=(1.3, 0.8, 2.1), angles=(0.3, -0.2, 0.25)),  # RAS: resized only
+    }[affine_kind]
+    volume = np.random.default_rng(1).random(shape).astype(np.float32)
+    path = save(tmp_path / "image.nii.gz", volume, affine)
+    monai_image = LoadImage(image_only=True, ensure_channel_first=True)(path)
+    mask = MetaTensor((torch.as_tensor(volume) > 0.5)[None].float(), affine=monai_image.affine.clone())
+    grid = ToNetworkGridd(["image", "mask"], network_shape, order="file", align_corners=True, axcodes="RAS", mask_keys="mask")
+    out = grid({"image": monai_image, "mask": mask})
+    expected = Resize(network_shape, mode="trilinear", align_corners=True)(Orientation("RAS")(monai_image))
+
+    assert isinstance(out["image"], MetaTensor) and tuple(out["image"].shape) == (1, *network_shape)
+    torch.testing.assert_close(
+        out["image"].as_tensor().float(), expected.as_tensor().float(), atol=1e-5, rtol=1e-5
+    )
+    np.testing.assert_allclose(out["image"].affine.numpy(), expected.affine.numpy(), atol=1e-6)
+    np.testing.assert_allclose(out["mask"].affine.numpy(), expected.affine.numpy(), atol=1e-6)
+    assert set(torch.unique(out["mask"]).tolist()) <= {0.0, 1.0}  # nearest neighbour, not a blend
+    nearest = Resize(network_shape, mode="nearest-exact")(Orientation("RAS")(mask))
+    torch.testing.assert_close(out["mask"].as_tensor().float(), nearest.as_tensor().float(), rtol=0, atol=0)
+    assert nib.aff2axcodes(out["image"].affine.numpy()) == ("R", "A", "S")
+    assert (nib.aff2axcodes(affine) == ("R", "A", "S")) == (affine_kind == "oblique_ras")
+
+    geometry = out["geometry"]
+    assert geometry.axis_order is not None and geometry.align_corners
+    network_index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in network_shape], indexing="ij"), -1).reshape(-1, 3)
+    unit = torch.from_numpy(network_index / (np.array(network_shape, np.float64) - 1)).T.reshape(1, 3, -1, 1, 1)
+    file_index = geometry.unit_to_index(unit).numpy()
+    np.testing.assert_allclose(
+        apply_affine(geometry.network_affine(affine), network_index), apply_affine(affine, file_index), atol=1e-9
+    )
+    np.testing.assert_allclose(geometry.network_affine(affine), out["image"].affine.numpy(), atol=1e-6)
+
+
 def test_bundle_directory_defaults_to_its_configs_convention(tmp_path):
-    from registration_helpers import write_tiny_bundle
+    from registration_helpers import AUTHORS_CONVENTION, RAS_CONVENTION, write_tiny_bundle
 
-    from monai_gradicon.registration_model import load_registration_model
+    from monai_gradicon.app import load_registration_model
 
-    model = load_registration_model(write_tiny_bundle(str(tmp_path / "b")), device="cpu")
-    assert (model.orientation, model.align_corners) == ("RAS", True)
-    knee = load_registration_model("knee", device="cpu")
-    assert (knee.orientation, knee.reverse_axes, knee.align_corners) == ("none", True, False)
+    model = load_registration_model(write_tiny_bundle(str(tmp_path / "b")), device="cpu", allow_untrained=True)
+    assert model.convention == RAS_CONVENTION == {"order": "file", "align_corners": True, "axcodes": "RAS"}
+    knee = load_registration_model("knee", device="cpu", allow_untrained=True)
+    assert knee.convention == AUTHORS_CONVENTION == {"order": "itk", "align_corners": False, "axcodes": None}
+    assert knee.network_shape == (80, 192, 192)

@@ -1,13 +1,14 @@
-"""Landmark TRE in mm through a physical displacement field, Dice of label maps, folder evaluation."""
+"""Landmark TRE in mm through a physical displacement field, Dice of label maps, evaluation of a pair datalist."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 
-from registration_helpers import analytic_inverse, analytic_transform, oblique_affine, save, world_points
+from registration_helpers import analytic_inverse, analytic_model, analytic_transform, oblique_affine, save, world_points
 
 SHAPE = (30, 28, 24)
 MOVING_AFFINE = oblique_affine(spacing=(1.0, 1.4, 2.0), angles=(-0.15, 0.35, -0.3), origin=(-22.0, 10.0, 4.0))
@@ -127,19 +128,10 @@ NETWORK_SHAPE = (24, 28, 30)
 CENTRE = np.array([-9.0, 20.0, 26.0])
 
 
-def test_evaluate_folder_of_pairs(tmp_path):
-    """evaluate_pairs on an exactly known registration: every TRE and Dice equals an independent value.
-
-    The pair is registered with :class:`registration_helpers.AnalyticNetwork` (the closed-form
-    deformation ``T``) on two different oblique grids. Landmark offsets have different lengths, the
-    landmark files are 1-based indices of their own grids, and the labels differ between the two
-    images, so the expected values (from ``T``, ``T⁻¹`` and nearest-neighbour label sampling in numpy)
-    are not 1, 0 or equal to each other: using the forward field for the inverse TRE, the fixed affine
-    for the moving landmarks, 0-based indices, or unwarped labels changes them.
-    """
-    from monai_gradicon.metrics import evaluate_pairs, label_dice
-    from monai_gradicon.registration_model import RegistrationModel
-    from registration_helpers import AnalyticNetwork, blob_intensity
+def _analytic_case(tmp_path):
+    """The pair of :func:`test_evaluate_datalist_of_pairs` (files in ``tmp_path``) and its exact expected values."""
+    from monai_gradicon.metrics import label_dice
+    from registration_helpers import blob_intensity
 
     fixed_affine = oblique_affine()
     moving_affine = oblique_affine(spacing=(1.0, 1.4, 2.0), angles=(-0.15, 0.35, -0.3), origin=(0.0, 0.0, 0.0))
@@ -163,41 +155,125 @@ def test_evaluate_folder_of_pairs(tmp_path):
     assert np.all((moving_index > 1) & (moving_index < np.array(MOVING_SHAPE) - 2))
     np.savetxt(tmp_path / "f.txt", fixed_index + 1)
     np.savetxt(tmp_path / "m.txt", moving_index + 1)
-    pairs = [{"name": "case1", "moving": "moving.nii.gz", "fixed": "fixed.nii.gz", "moving_labels": "moving_labels.nii.gz",
-              "fixed_labels": "fixed_labels.nii.gz", "moving_landmarks": "m.txt", "fixed_landmarks": "f.txt"}]
-    (tmp_path / "pairs.json").write_text(json.dumps(pairs))
-    network = AnalyticNetwork.build(moving_affine, MOVING_SHAPE, fixed_affine, FIXED_SHAPE, NETWORK_SHAPE)
-    model = RegistrationModel(network=network, spatial_shape=NETWORK_SHAPE, preprocessing="none", name="analytic")
-    result = evaluate_pairs(str(tmp_path / "pairs.json"), str(tmp_path / "eval"), bundle=model, progress=False)
-    case = result["pairs"][0]
 
-    forward = np.linalg.norm(offsets, axis=1)  # 0.5, 1, 1.5, 2, 0 mm
-    inverse = np.linalg.norm(fixed_mm - analytic_inverse(moving_mm), axis=1)
-    before = np.linalg.norm(moving_mm - fixed_mm, axis=1)
-    for key, expected in (("tre_forward", forward), ("tre_inverse", inverse), ("tre_before", before)):
-        assert case[key]["mean"] == pytest.approx(expected.mean(), abs=0.02), key
-        assert case[key]["p75"] == pytest.approx(np.percentile(expected, 75), abs=0.02), key
-        assert case[key]["count"] == 5
+    expected = {
+        "tre_forward": np.linalg.norm(offsets, axis=1),  # 0.5, 1, 1.5, 2, 0 mm
+        "tre_inverse": np.linalg.norm(fixed_mm - analytic_inverse(moving_mm), axis=1),
+        "tre_before": np.linalg.norm(moving_mm - fixed_mm, axis=1),
+    }
     # what the mistakes would give instead: the forward map used for the inverse TRE, no registration
-    assert np.linalg.norm(fixed_mm - analytic_transform(moving_mm), axis=1).mean() > inverse.mean() + 1.0
-    assert before.mean() > forward.mean() + 0.5
-
+    assert np.linalg.norm(fixed_mm - analytic_transform(moving_mm), axis=1).mean() > expected["tre_inverse"].mean() + 1.0
+    assert expected["tre_before"].mean() > expected["tre_forward"].mean() + 0.5
     # labels: moving labels at T(x), nearest neighbour, 0 beyond half a voxel outside (ITK)
     target = _to_index(analytic_transform(fixed_pts), moving_affine)
     inside = np.all((target >= -0.5) & (target <= np.array(MOVING_SHAPE) - 0.5), axis=-1)
     nearest = np.clip(np.rint(target).astype(int), 0, np.array(MOVING_SHAPE) - 1)
     warped = np.where(inside, moving_labels[nearest[..., 0], nearest[..., 1], nearest[..., 2]], 0)
-    expected_dice = label_dice(warped, fixed_labels)
+    expected["dice"] = label_dice(warped, fixed_labels)
+    entry = {"id": "case1", "moving": "moving.nii.gz", "fixed": "fixed.nii.gz", "moving_label": "moving_labels.nii.gz",
+             "fixed_label": "fixed_labels.nii.gz", "moving_landmarks": "m.txt", "fixed_landmarks": "f.txt"}
+    model = analytic_model(moving_affine, MOVING_SHAPE, fixed_affine, FIXED_SHAPE, NETWORK_SHAPE)
+    return entry, model, expected, moving_index
+
+
+def _check_case(case, expected):
+    for key in ("tre_forward", "tre_inverse", "tre_before"):
+        assert case[key]["mean"] == pytest.approx(expected[key].mean(), abs=0.02), key
+        assert case[key]["p75"] == pytest.approx(np.percentile(expected[key], 75), abs=0.02), key
+        assert case[key]["count"] == 5
     assert set(case["dice"]) == {"1", "2"}
-    for label, value in expected_dice.items():
+    for label, value in expected["dice"].items():
         assert 0.2 < value < 0.95
         assert case["dice"][str(label)] == pytest.approx(value, abs=0.01), label
-    assert case["dice_mean"] == pytest.approx(np.mean(list(expected_dice.values())), abs=0.01)
+    assert case["dice_mean"] == pytest.approx(np.mean(list(expected["dice"].values())), abs=0.01)
+
+
+def test_evaluate_datalist_of_pairs(tmp_path):
+    """evaluate_pairs on the bundles' pair datalist and an exactly known registration: every TRE and Dice as computed.
+
+    The pair is registered with :func:`registration_helpers.analytic_model` (the closed-form deformation
+    ``T``) on two different oblique grids. Landmark offsets have different lengths, the landmark files
+    are 1-based indices of their own grids, and the labels differ between the two images, so the
+    expected values (from ``T``, ``T⁻¹`` and nearest-neighbour label sampling in numpy) are not 1, 0 or
+    equal to each other: using the forward field for the inverse TRE, the fixed affine for the moving
+    landmarks, 0-based indices, or unwarped labels changes them. The pair is registered into
+    ``<out>/<id>``; evaluated again from that folder (``registration``, no bundle) it gives the same values.
+    """
+    from monai_gradicon.app import evaluate_pairs
+
+    entry, model, expected, moving_index = _analytic_case(tmp_path)
+    (tmp_path / "pairs.json").write_text(json.dumps({"testing": [entry]}))
+    result = evaluate_pairs(str(tmp_path / "pairs.json"), str(tmp_path / "eval"), bundle=model, progress=False)
+    case = result["pairs"][0]
+    assert case["id"] == "case1" and case["registration"] == str(tmp_path / "eval" / "case1")
+    assert os.path.isfile(tmp_path / "eval" / "case1" / "warped_moving_labels.nii.gz")
+    _check_case(case, expected)
     summary = result["summary"]
     assert summary["mtre_forward"]["pairs"] == 1 and summary["mtre_forward"]["mean"] == pytest.approx(case["tre_forward"]["mean"])
     assert summary["folds_forward"] == 0 and summary["folds_inverse"] == 0
     with open(tmp_path / "eval" / "evaluation.json") as f:
         assert json.load(f)["pairs"][0]["tre_forward"] == case["tre_forward"]
+
+    # the same pair from its registration folder, in another section, without a bundle and without images
+    done = {k: v for k, v in entry.items() if k not in ("moving", "fixed")} | {"registration": "eval/case1"}
+    (tmp_path / "done.json").write_text(json.dumps({"validation": [done]}))
+    again = evaluate_pairs(str(tmp_path / "done.json"), str(tmp_path / "eval_again"), section="validation", progress=False)
+    assert again["pairs"][0]["registration"] == str(tmp_path / "eval" / "case1")
+    _check_case(again["pairs"][0], expected)
+    assert sorted(os.listdir(tmp_path / "eval_again")) == ["evaluation.json"]  # nothing registered anew
+
     np.savetxt(tmp_path / "m.txt", moving_index[:2] + 1)
     with pytest.raises(ValueError, match="2 moving landmarks but 5 fixed"):
         evaluate_pairs(str(tmp_path / "pairs.json"), str(tmp_path / "eval2"), bundle=model, progress=False)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ([{"moving": "moving.nii.gz", "fixed": "fixed.nii.gz"}], "has no section 'testing'"),
+        ({"testing": [{"name": "case1", "moving": "moving.nii.gz", "fixed": "fixed.nii.gz"}]}, r"unknown key\(s\) \['name'\]"),
+        ({"testing": [{"moving": "moving.nii.gz", "fixed": "fixed.nii.gz", "moving_labels": "moving.nii.gz"}]},
+         r"unknown key\(s\) \['moving_labels'\]"),
+        ({"testing": [{"moving": "moving.nii.gz", "fixed": "fixed.nii.gz", "fixed_labels": "fixed.nii.gz"}]},
+         r"unknown key\(s\) \['fixed_labels'\]"),
+        ({"testing": [{"moving": "moving.nii.gz", "fixed": "gone.nii.gz"}]}, "key 'fixed' .* file not found: .*gone.nii.gz"),
+        ({"training": [{"moving": "moving.nii.gz", "fixed": "fixed.nii.gz"}]}, r"has no section 'testing' \(found: \['training'\]\)"),
+    ],
+    ids=["plain list", "old key name", "old key moving_labels", "old key fixed_labels", "missing file", "other section"],
+)
+def test_evaluate_refuses_datalists_outside_the_schema(tmp_path, content, message):
+    """The old pairs-file keys (``name``, ``moving_labels``, ``fixed_labels``) and a plain list are refused, never ignored."""
+    from monai_gradicon.app import evaluate_pairs
+
+    for name in ("moving", "fixed"):
+        save(str(tmp_path / f"{name}.nii.gz"), np.zeros((4, 4, 4)), np.eye(4))
+    (tmp_path / "pairs.json").write_text(json.dumps(content))
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        evaluate_pairs(str(tmp_path / "pairs.json"), str(tmp_path / "eval"), bundle="knee", progress=False)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_evaluate_command_on_a_datalist(tmp_path, capsys):
+    """``monai-gradicon evaluate --pairs`` on the datalist: exit 0, the summary printed, evaluation.json written.
+
+    The pairs' existing registrations are evaluated (no bundle needed); a pair that has neither a
+    registration nor a bundle to make one is one error line, exit 2.
+    """
+    from monai_gradicon.app import register
+    from monai_gradicon.app.cli import main
+
+    entry, model, expected, _ = _analytic_case(tmp_path)
+    register(str(tmp_path / "moving.nii.gz"), str(tmp_path / "fixed.nii.gz"), model, tmp_path / "reg",
+             moving_labels=str(tmp_path / "moving_labels.nii.gz"), progress=False)
+    done = {k: v for k, v in entry.items() if k not in ("moving", "fixed")} | {"registration": "reg"}
+    (tmp_path / "pairs.json").write_text(json.dumps({"testing": [done]}))
+    assert main(["evaluate", "--pairs", str(tmp_path / "pairs.json"), "--out", str(tmp_path / "eval"), "--quiet"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["mtre_forward"]["mean"] == pytest.approx(expected["tre_forward"].mean(), abs=0.02)
+    assert printed["dice_mean"]["mean"] == pytest.approx(np.mean(list(expected["dice"].values())), abs=0.01)
+    with open(tmp_path / "eval" / "evaluation.json") as f:
+        _check_case(json.load(f)["pairs"][0], expected)
+    (tmp_path / "todo.json").write_text(json.dumps({"testing": [entry]}))
+    assert main(["evaluate", "--pairs", str(tmp_path / "todo.json"), "--out", str(tmp_path / "eval2"), "--quiet"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("monai-gradicon: error:")]
+    assert len(errors) == 1 and "give a bundle to register it" in errors[0], errors

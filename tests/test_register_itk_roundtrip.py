@@ -1,8 +1,11 @@
 """Physical-space correctness of ``register``'s outputs, checked against an analytic deformation and real ITK.
 
 A known smooth deformation ``T`` (fixed -> moving points, closed-form inverse) is fed through the
-whole pipeline by a network that returns its network-grid displacement. Both images are oblique
-(rotated about three axes) and anisotropic, on different grids. Tolerances:
+whole pipeline by a network that returns its network-grid displacement, handed to ``register`` as a
+``RegistrationModel`` (``registration_helpers.analytic_model``) whose scan preprocessing is one
+``ToNetworkGridd`` in the RAS convention (``order="file"``, ``align_corners=True``, ``axcodes="RAS"``:
+MONAI ``Orientationd`` + ``Resized``). Both images are oblique (rotated about three axes) and
+anisotropic, on different grids. Tolerances:
 
 * displacement written in mm vs ``T(p) − p``: ≤ 0.02 mm (max |u| ≈ 4 mm; the remaining error is the
   trilinear interpolation of the field between network voxels);
@@ -25,8 +28,9 @@ import pytest
 
 from dependencies import require_itk, require_simpleitk
 from registration_helpers import (
-    AnalyticNetwork,
+    RAS_CONVENTION,
     analytic_inverse,
+    analytic_model,
     analytic_transform,
     blob_intensity,
     oblique_affine,
@@ -47,8 +51,7 @@ CENTRE = np.array([-9.0, 20.0, 26.0])
 def analytic_run(tmp_path_factory):
     import torch
 
-    from monai_gradicon.register import register
-    from monai_gradicon.registration_model import RegistrationModel
+    from monai_gradicon.app import register
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("roundtrip")
@@ -62,8 +65,9 @@ def analytic_run(tmp_path_factory):
     # moving is brighter (+10) so that the analytic network can tell the two directions apart
     save(str(root / "fixed.nii.gz"), blob_intensity(fixed_pts, CENTRE), fixed_affine)
     save(str(root / "moving.nii.gz"), 10.0 + blob_intensity(moving_pts, CENTRE), moving_affine)
-    network = AnalyticNetwork.build(moving_affine, MOVING_SHAPE, fixed_affine, FIXED_SHAPE, NETWORK_SHAPE)
-    model = RegistrationModel(network=network, spatial_shape=NETWORK_SHAPE, preprocessing="none", name="analytic")
+    model = analytic_model(moving_affine, MOVING_SHAPE, fixed_affine, FIXED_SHAPE, NETWORK_SHAPE, RAS_CONVENTION)
+    assert model.convention == RAS_CONVENTION
+    assert model.notes == ["network used as given (no weights file)"]
     outputs = register(root / "moving.nii.gz", root / "fixed.nii.gz", model, root / "out", progress=False)
     return root, outputs, fixed_affine, moving_affine, fixed_pts, moving_pts
 
@@ -173,12 +177,10 @@ def test_report_lists_files_and_folds(analytic_run):
 def test_swapped_pair_forward_is_the_inverse_and_composes_to_identity_in_mm(analytic_run, tmp_path):
     """Inverse consistency in mm: register(B, A)'s forward transform undoes register(A, B)'s (≤ 0.03 mm)."""
     from monai_gradicon.metrics import PhysicalDisplacementField
-    from monai_gradicon.register import register
-    from monai_gradicon.registration_model import RegistrationModel
+    from monai_gradicon.app import register
 
     root, outputs, fixed_affine, moving_affine, fixed_pts, _ = analytic_run
-    network = AnalyticNetwork.build(moving_affine, MOVING_SHAPE, fixed_affine, FIXED_SHAPE, NETWORK_SHAPE)
-    model = RegistrationModel(network=network, spatial_shape=NETWORK_SHAPE, preprocessing="none", name="analytic")
+    model = analytic_model(moving_affine, MOVING_SHAPE, fixed_affine, FIXED_SHAPE, NETWORK_SHAPE, RAS_CONVENTION)
     swapped = register(root / "fixed.nii.gz", root / "moving.nii.gz", model, tmp_path / "swapped", progress=False)
     forward = PhysicalDisplacementField.from_nifti(outputs.files["displacement"])
     backward = PhysicalDisplacementField.from_nifti(swapped.files["displacement"])

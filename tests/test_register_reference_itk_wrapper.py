@@ -7,12 +7,13 @@ DownsampleRegistration(FunctionFromVectorField(tallUNet2)), FunctionFromVectorFi
 deform (all parameters perturbed, the last conv of tallUNet2 is zero-initialised). Its
 ``regis_net.state_dict()`` is saved with ``torch.save``, the released ``.trch`` format, and reaches our
 side only by the public path a user takes: ``register(moving, fixed, <bundle dir>, weights=<that .trch>)``.
-The bundle directory's ``configs/inference.json`` states the authors' resampling convention
-(``orientation="none"``, ``reverse_axes=True`` = ITK-array axis order, ``align_corners=False``). The
-reference reads the same NIfTI files with ``itk.imread(path, itk.F)`` (LPS). Both images are oblique and
-anisotropic, on grids that differ from each other and from the network grid (shape, spacing, direction,
-origin). Intensity preprocessing: ``"none"`` on our side; ``register_pair`` does none, so both networks
-see the same raw intensities. Instance optimisation is off except in the last test.
+The bundle directory's ``configs/inference.json`` defines a ``registration_model`` whose scan
+preprocessing is a single ``ToNetworkGridd`` in the authors' resampling convention (``order="itk"`` =
+ITK-array axis order, ``align_corners=False``, ``axcodes=None``: stored axis codes, the same for both
+images here). The reference reads the same NIfTI files with ``itk.imread(path, itk.F)`` (LPS). Both
+images are oblique and anisotropic, on grids that differ from each other and from the network grid
+(shape, spacing, direction, origin). No intensity transform on our side; ``register_pair`` does none, so
+both networks see the same raw intensities. Instance optimisation is off except in the last test.
 
 Points are voxel centres ≥ 2 voxels inside the image the transform is defined on: our ``transform.h5``
 is a displacement field on the fixed voxels, exact there and linearly interpolated in between.
@@ -43,9 +44,15 @@ is a displacement field on the fixed voxels, exact there and linearly interpolat
   just before ``register_pair``, in the same shape and order. Tolerance 2.5e-4 mm (measured 2.7e-5 mm);
   the two steps change the result by 1.3 mm, checked ≥ 50× the tolerance.
 
-Defects injected into ``register.py`` make these tests fail by far more: ``align_corners`` flipped in the
+Defects injected into ``register`` make these tests fail by far more: ``align_corners`` flipped in the
 resize to the network grid 0.066 mm; axes not reversed 5.4 mm; ``N`` for ``N − 1`` in the network-grid
-scaling 1.3–1.6 mm; a sign flip of the written displacement 44 mm, of the network's displacement 8 mm.
+scaling 1.3–1.6 mm; a sign flip of the written displacement 44 mm, of the network's displacement 8 mm
+(measured before the application layer moved to ``monai_gradicon.app``). Re-measured on the bundle-driven
+pipeline, in a private copy of the repository: ``align_corners`` flipped in
+``PairGeometry.from_affine`` (resize and coordinates alike) 0.47 mm forward, 0.72 mm inverse, 0.034 in
+the warped image; axis order ``"file"`` for ``"itk"`` 5.4 mm forward, 6.4 mm inverse, 0.36 in the warped image. Writing
+``align_corners: true`` or ``order: "file"`` into the bundle instead is refused outright: these ``.trch``
+weights are in the authors' release format, which ``RegistrationModel`` accepts only under their convention.
 """
 
 from __future__ import annotations
@@ -59,7 +66,15 @@ import pytest
 import torch
 
 from dependencies import require_itk, require_reference
-from registration_helpers import blob_intensity, oblique_affine, save, world_points
+from registration_helpers import (
+    AUTHORS_CONVENTION,
+    blob_intensity,
+    grid_transform,
+    oblique_affine,
+    registration_model_item,
+    save,
+    world_points,
+)
 
 itk = require_itk()
 icon = require_reference()
@@ -68,7 +83,7 @@ import icon_registration.losses as icon_losses  # noqa: E402
 from icon_registration import config as icon_config  # noqa: E402
 from icon_registration import itk_wrapper  # noqa: E402
 
-from reference_oracle import reference_network  # noqa: E402
+from reference_oracle import authors_exact_map, reference_network, transform_points  # noqa: E402
 
 FIXED_SHAPE = (30, 26, 22)  # nibabel (i, j, k)
 MOVING_SHAPE = (27, 31, 20)
@@ -101,21 +116,15 @@ def _write_pair(root) -> dict:
     return {"fixed_affine": fixed_affine, "moving_affine": moving_affine}
 
 
-def _write_bundle(folder, levels) -> str:
-    """A bundle directory stating the authors' convention; its network is our P-step network."""
+def _write_bundle(folder, levels, convention=None) -> str:
+    """A bundle directory stating the authors' convention; its network is our P-step network (no intensity transform)."""
     os.makedirs(os.path.join(folder, "configs"), exist_ok=True)
     config = {
         "network_def": {"_target_": "monai_gradicon.networks.multistep_network", "spatial_dims": 3, "levels": list(levels)},
-        "network_shape": list(NETWORK_SHAPE),
-        "registration": {
-            "preprocessing": "none",
-            "orientation": "none",
-            "reverse_axes": True,
-            "align_corners": False,
-            "lmbda": 1.5,
-            "lncc_sigma": 5,
-            "sparse": True,
-        },
+        "weights_file": "$@bundle_root + '/models/model.pt'",
+        "allow_untrained": False,
+        "scan_preprocessing": [grid_transform(NETWORK_SHAPE, convention or AUTHORS_CONVENTION)],
+        "registration_model": registration_model_item(os.path.basename(str(folder)), lmbda=1.5, lncc_sigma=5, sparse=True),
     }
     with open(os.path.join(folder, "configs", "inference.json"), "w") as f:
         json.dump(config, f)
@@ -159,7 +168,7 @@ def _run(pair, levels, io_steps: int = 0) -> dict:
     key = (tuple(levels), io_steps)
     if key in _RUNS:
         return _RUNS[key]
-    from monai_gradicon.register import register
+    from monai_gradicon.app import register
 
     root = pair["root"]
     name = "steps" + "".join(map(str, levels))
@@ -213,25 +222,6 @@ def _lps(affine, index) -> np.ndarray:
     return (index @ affine[:3, :3].T + affine[:3, 3]) * LPS
 
 
-def _transform_points(transform, points) -> np.ndarray:
-    return np.array([np.array(transform.TransformPoint(p.tolist())) for p in points])
-
-
-def _authors_map(composite, closure, points) -> tuple[np.ndarray, np.ndarray]:
-    """The authors' transform with its sampled field replaced by their exact map (see module docstring).
-
-    Returns ``(mapped points, points mapped with zero network displacement)``, LPS mm.
-    """
-    to_target, field, from_source = (composite.GetNthTransform(i) for i in range(3))
-    assert "DisplacementField" in field.GetNameOfClass()
-    network_points = _transform_points(from_source, points)  # ITK (x, y, z) = network index (i, j, k)
-    scale = np.array(NETWORK_SHAPE, np.float64) - 1.0  # identity-map axis order (k, j, i)
-    unit = torch.from_numpy(network_points[:, ::-1] / scale).to(torch.float32).T.reshape(1, 3, -1, 1, 1)
-    with torch.no_grad():
-        mapped = closure(unit).reshape(3, -1).T.to(torch.float64).numpy()
-    return _transform_points(to_target, (mapped * scale)[:, ::-1]), _transform_points(to_target, network_points)
-
-
 def _inside(points_lps, affine, shape, margin) -> np.ndarray:
     index = (points_lps * LPS - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
     return np.all((index >= margin) & (index <= np.array(shape) - 1 - margin), axis=1)
@@ -240,8 +230,8 @@ def _inside(points_lps, affine, shape, margin) -> np.ndarray:
 def test_forward_transform_matches_authors_phi_AB_at_fixed_voxels(pair):
     run = _run(pair, TWO_STEP)
     points = _lps(pair["fixed_affine"], _interior_voxels(FIXED_SHAPE, N_POINTS))
-    expected, box_only = _authors_map(run["phi_AB"], run["map_AB"], points)
-    ours = _transform_points(run["transform"], points)
+    expected, box_only = authors_exact_map(run["phi_AB"], run["map_AB"], points, NETWORK_SHAPE)
+    ours = transform_points(run["transform"], points)
     network_part = np.linalg.norm(expected - box_only, axis=1)
     assert network_part.max() > 2.0 and network_part.mean() > 0.5  # the network really deforms (mm)
     model = run["model"]
@@ -256,25 +246,25 @@ def test_authors_itk_composite_equals_their_map_at_network_nodes(pair):
     run = _run(pair, TWO_STEP)
     to_fixed = itk_wrapper.resampling_transform(pair["image_B"], list(reversed(NETWORK_SHAPE)))
     nodes = _interior_voxels(tuple(reversed(NETWORK_SHAPE)), N_POINTS, seed=1)  # ITK (x, y, z) network indices
-    points = _transform_points(to_fixed, nodes)
-    expected, _ = _authors_map(run["phi_AB"], run["map_AB"], points)
-    error = np.linalg.norm(_transform_points(run["phi_AB"], points) - expected, axis=1)
+    points = transform_points(to_fixed, nodes)
+    expected, _ = authors_exact_map(run["phi_AB"], run["map_AB"], points, NETWORK_SHAPE)
+    error = np.linalg.norm(transform_points(run["phi_AB"], points) - expected, axis=1)
     assert error.max() < NODE_TOL_MM
 
 
 def test_inverse_transform_matches_authors_phi_BA_at_moving_voxels(pair):
     run = _run(pair, TWO_STEP)
     points = _lps(pair["moving_affine"], _interior_voxels(MOVING_SHAPE, N_POINTS, seed=2))
-    expected, box_only = _authors_map(run["phi_BA"], run["map_BA"], points)
+    expected, box_only = authors_exact_map(run["phi_BA"], run["map_BA"], points, NETWORK_SHAPE)
     assert np.linalg.norm(expected - box_only, axis=1).max() > 2.0
-    error = np.linalg.norm(_transform_points(run["inverse_transform"], points) - expected, axis=1)
+    error = np.linalg.norm(transform_points(run["inverse_transform"], points) - expected, axis=1)
     assert error.max() < POINT_TOL_MM, f"max |ours - authors' Φ_BA| = {error.max():.3g} mm"
 
 
 def test_warped_moving_matches_moving_sampled_at_authors_phi_AB(pair):
     run = _run(pair, TWO_STEP)
     index = _interior_voxels(FIXED_SHAPE)
-    mapped, _ = _authors_map(run["phi_AB"], run["map_AB"], _lps(pair["fixed_affine"], index))
+    mapped, _ = authors_exact_map(run["phi_AB"], run["map_AB"], _lps(pair["fixed_affine"], index), NETWORK_SHAPE)
     inside = _inside(mapped, pair["moving_affine"], MOVING_SHAPE, 1.0)
     assert inside.mean() > 0.5
     interpolator = itk.LinearInterpolateImageFunction.New(pair["image_A"])
@@ -289,10 +279,10 @@ def test_one_step_transform_and_warped_image_equal_authors_itk_outputs(pair):
     """Nothing composed: the authors' returned ``CompositeTransform`` and ITK resampling are exact oracles."""
     run = _run(pair, ONE_STEP)
     points = _lps(pair["fixed_affine"], _interior_voxels(FIXED_SHAPE, N_POINTS, seed=3))
-    theirs = _transform_points(run["phi_AB"], points)
-    _, box_only = _authors_map(run["phi_AB"], run["map_AB"], points)
+    theirs = transform_points(run["phi_AB"], points)
+    _, box_only = authors_exact_map(run["phi_AB"], run["map_AB"], points, NETWORK_SHAPE)
     assert np.linalg.norm(theirs - box_only, axis=1).max() > 1.0
-    error = np.linalg.norm(_transform_points(run["transform"], points) - theirs, axis=1)
+    error = np.linalg.norm(transform_points(run["transform"], points) - theirs, axis=1)
     assert error.max() < DIRECT_TOL_MM, f"max |ours - authors' phi_AB| = {error.max():.3g} mm"
 
     resampled = itk.resample_image_filter(
@@ -309,20 +299,20 @@ def test_two_step_transform_near_authors_itk_composite(pair):
     """The authors' returned transform, as is: equal up to their linear interpolation of the composed field."""
     run = _run(pair, TWO_STEP)
     points = _lps(pair["fixed_affine"], _interior_voxels(FIXED_SHAPE, N_POINTS))
-    theirs = _transform_points(run["phi_AB"], points)
-    exact, _ = _authors_map(run["phi_AB"], run["map_AB"], points)
+    theirs = transform_points(run["phi_AB"], points)
+    exact, _ = authors_exact_map(run["phi_AB"], run["map_AB"], points, NETWORK_SHAPE)
     their_sampling = np.linalg.norm(theirs - exact, axis=1)  # the authors' own interpolation error
-    error = np.linalg.norm(_transform_points(run["transform"], points) - theirs, axis=1)
+    error = np.linalg.norm(transform_points(run["transform"], points) - theirs, axis=1)
     np.testing.assert_array_less(error, their_sampling + POINT_TOL_MM, err_msg="ours differs from the authors' transform by more than their own interpolation error")
 
 
 def test_instance_optimisation_matches_authors_finetune(pair):
     run = _run(pair, TWO_STEP, io_steps=2)
     points = _lps(pair["fixed_affine"], _interior_voxels(FIXED_SHAPE, N_POINTS, seed=4))
-    expected, _ = _authors_map(run["phi_AB"], run["map_AB"], points)
-    ours = _transform_points(run["transform"], points)
+    expected, _ = authors_exact_map(run["phi_AB"], run["map_AB"], points, NETWORK_SHAPE)
+    ours = transform_points(run["transform"], points)
     error = np.linalg.norm(ours - expected, axis=1)
     assert error.max() < IO_TOL_MM, f"max |ours - authors' Φ_AB| after 2 IO steps = {error.max():.3g} mm"
-    without_io = _transform_points(_run(pair, TWO_STEP)["transform"], points)
+    without_io = transform_points(_run(pair, TWO_STEP)["transform"], points)
     assert np.linalg.norm(ours - without_io, axis=1).max() > 50 * IO_TOL_MM  # the two steps changed the result
     assert run["ours"].report["instance_optimization"]["steps"] == 2

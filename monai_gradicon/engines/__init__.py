@@ -7,7 +7,7 @@ __all__ = ["PairNetwork", "inverse_consistency_error"]
 # Bundle training pieces (two-direction SupervisedTrainer, handlers, metrics, resume).
 from .checkpoints import latest_checkpoint
 from .handlers import GradICONTermsHandler, RegistrationImageHandler, training_log_values
-from .registration_metrics import FoldPercentageMetric, LandmarkTREMetric, landmark_tre
+from .registration_metrics import FoldPercentageMetric
 from .two_direction import BidirectionalRegistration, GradICONTrainingLoss, PairToDDF, split_pair
 
 __all__ += [
@@ -16,8 +16,6 @@ __all__ += [
     "RegistrationImageHandler",
     "training_log_values",
     "FoldPercentageMetric",
-    "LandmarkTREMetric",
-    "landmark_tre",
     "BidirectionalRegistration",
     "GradICONTrainingLoss",
     "PairToDDF",

@@ -1,10 +1,9 @@
-"""Registration metrics: landmark TRE in mm, Dice of warped labels, per-folder evaluation.
+"""Registration metrics: landmark TRE in mm, Dice of warped labels (MONAI ``compute_dice``).
 
 Folds (negative Jacobian determinants) come from :func:`monai_gradicon.maps.fold_count`.
 """
 
 from .dice import label_dice, mean_label_dice
-from .evaluate import evaluate_pairs, evaluate_registration
 from .landmarks import (
     PhysicalDisplacementField,
     landmark_distances,
@@ -23,6 +22,4 @@ __all__ = [
     "tre_summary",
     "label_dice",
     "mean_label_dice",
-    "evaluate_pairs",
-    "evaluate_registration",
 ]

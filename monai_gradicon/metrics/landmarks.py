@@ -31,8 +31,8 @@ __all__ = [
 def read_landmarks(source: str | os.PathLike | np.ndarray | torch.Tensor, spatial_dims: int | None = None) -> np.ndarray:
     """Read landmarks: ``(P, D)`` float64 array, the values as given (DirLab files: 1-based voxel indices).
 
-    The one landmark reader of the package: the CLI evaluation (:func:`evaluate_registration`) and the
-    bundles' :class:`~monai_gradicon.transforms.LandmarksToGridd` (mTRE of paper Sec. 5.2/8) both use it.
+    The one landmark reader of the package, used by the evaluation (:func:`monai_gradicon.app.evaluate_pairs`,
+    which ``monai-gradicon evaluate`` and the bundles' ``evaluate.json`` run; mTRE of paper Sec. 5.2/8).
 
     Args:
         source: a text file with one point per line (numbers separated by whitespace or commas,
@@ -142,8 +142,7 @@ class PhysicalDisplacementField:
 def landmark_distances(mapped_points, target_points, spacing: Sequence[float] | None = None):
     """Per-landmark distances ``‖(p_target − T(p_fixed)) · spacing‖`` — the TRE arithmetic (paper Sec. 5.2, Tab. 5).
 
-    The one implementation used by :func:`target_registration_error` (CLI evaluation, points in mm)
-    and :func:`~monai_gradicon.engines.landmark_tre` (Ignite metric, points in network voxels).
+    The one implementation, used by :func:`target_registration_error` (points in mm).
 
     Args:
         mapped_points: ``(P, D)`` fixed landmarks carried through the transform, ``T(p_fixed)``

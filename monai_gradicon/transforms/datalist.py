@@ -18,8 +18,12 @@ from collections.abc import Sequence
 
 __all__ = ["load_pair_datalist", "PAIR_KEYS"]
 
-#: keys a pair entry may have: images, label maps / masks, landmark files, and a free-text id.
-PAIR_KEYS = ("moving", "fixed", "moving_label", "fixed_label", "moving_landmarks", "fixed_landmarks", "id")
+#: keys a pair entry may have: images, label maps, masks (for models that use them), landmark files, a
+#: free-text id, and for evaluation an existing ``register`` output folder and the DirLab landmark spacing.
+PAIR_KEYS = (
+    "moving", "fixed", "moving_label", "fixed_label", "moving_mask", "fixed_mask", "moving_landmarks", "fixed_landmarks",
+    "id", "registration", "landmark_spacing",
+)
 
 
 def load_pair_datalist(

@@ -4,16 +4,20 @@ Examples::
 
     monai-gradicon register --moving M.nii.gz --fixed F.nii.gz --bundle lung --out result \\
         --moving-mask Mmask.nii.gz --fixed-mask Fmask.nii.gz --io-steps 50 --overview
-    monai-gradicon evaluate --pairs pairs.json --out evaluation --bundle knee
-    monai-gradicon convert-weights --source lung_model_weights_step_2.trch --out bundles/gradicon_lung_ct/models/model.pt --bundle lung
+    monai-gradicon register --moving t1_a.nii.gz --fixed t1_b.nii.gz --bundle unigradicon --modality mri --out result
+    monai-gradicon evaluate --pairs datalist.json --out evaluation --bundle knee
+    monai-gradicon convert-weights --source lung_model_weights_step_2.trch --out lung.pt --bundle lung
 
-Bad input ends with one ``monai-gradicon: error: ...`` line on stderr and exit code 2.
+Bad input (:data:`monai_gradicon.app.USER_ERRORS`) ends with one ``monai-gradicon: error: ...`` line on
+stderr and exit code 2; an internal failure (out of memory, a bug) prints its traceback, a hint where
+one helps, and exits with code 1.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import traceback
 import warnings
 
 __all__ = ["Commands", "main"]
@@ -37,6 +41,8 @@ class Commands:
         overview: bool = False,
         device: str | None = None,
         seed: int = 0,
+        modality: str | None = None,
+        allow_untrained: bool = False,
         quiet: bool = False,
     ) -> None:
         """Register MOVING onto FIXED; write warped image, displacement (mm), ITK transforms, inverse, report.
@@ -44,17 +50,19 @@ class Commands:
         Args:
             moving: moving image (NIfTI or any format MONAI's LoadImage reads).
             fixed: fixed image; outputs are on its grid.
-            bundle: knee | lung | path to a bundle directory.
+            bundle: knee | lung | brain | unigradicon | multigradicon | path to a bundle directory.
             out: output folder.
             moving_labels: label map on the moving grid, warped with nearest neighbour.
-            moving_mask: mask on the moving grid (lung preprocessing).
-            fixed_mask: mask on the fixed grid (lung preprocessing).
+            moving_mask: mask on the moving grid (required by lung, optional for uni/multiGradICON, refused by others).
+            fixed_mask: mask on the fixed grid (same rules).
             weights: weights file (bundle model.pt or the authors' .trch) overriding the bundle's.
             io_steps: instance-optimisation steps (reference default 50; 0 = none).
             io_lr: instance-optimisation learning rate.
             overview: also write overview.png.
             device: cpu | cuda (default: cuda when available).
             seed: seed of the GradICON perturbation during instance optimisation.
+            modality: ct | mri, the intensity window of uniGradICON/multiGradICON (bundles with a 'modality' setting).
+            allow_untrained: run a bundle whose weights file is missing (the result is not a registration).
             quiet: no progress bar.
         """
         from .register import register
@@ -62,7 +70,7 @@ class Commands:
         outputs = register(
             moving, fixed, bundle, out, moving_labels=moving_labels, moving_mask=moving_mask, fixed_mask=fixed_mask,
             weights=weights, io_steps=io_steps, io_learning_rate=io_lr, overview=overview, device=device,
-            progress=not quiet, seed=seed,
+            progress=not quiet, seed=seed, allow_untrained=allow_untrained, overrides=_modality(bundle, modality),
         )
         r = outputs.report
         print(
@@ -79,22 +87,26 @@ class Commands:
         weights: str | None = None,
         io_steps: int = 0,
         device: str | None = None,
+        section: str = "testing",
         quiet: bool = False,
     ) -> None:
         """Landmark mTRE (both directions, mean and 25/50/75 %) and Dice + folds over the pairs of a JSON file.
 
         Args:
-            pairs: JSON list of pairs (see monai_gradicon.metrics.evaluate).
+            pairs: pair datalist (JSON, the bundles' datalist format; section 'testing').
             out: folder for evaluation.json (and registrations made now).
-            bundle: knee | lung | bundle directory, for pairs without a 'registration' folder.
+            bundle: knee | lung | brain | unigradicon | multigradicon | bundle directory, for pairs without a 'registration' folder.
             weights: weights overriding the bundle's.
             io_steps: instance-optimisation steps for registrations made now.
             device: cpu | cuda.
+            section: the datalist section to evaluate.
             quiet: no progress bar.
         """
-        from .metrics import evaluate_pairs
+        from .evaluate import evaluate_pairs
 
-        result = evaluate_pairs(pairs, out, bundle=bundle, weights=weights, io_steps=io_steps, device=device, progress=not quiet)
+        result = evaluate_pairs(
+            pairs, out, bundle=bundle, weights=weights, io_steps=io_steps, device=device, progress=not quiet, section=section
+        )
         print(json.dumps(result["summary"], indent=2))
 
     def convert_weights(self, source: str, out: str, bundle: str = "knee") -> None:
@@ -103,11 +115,21 @@ class Commands:
         Args:
             source: the downloaded reference checkpoint.
             out: output file, e.g. bundles/gradicon_knee_mri/models/model.pt.
-            bundle: knee | lung | bundle directory whose network_def receives the weights.
+            bundle: knee | lung | brain | unigradicon | multigradicon | bundle directory whose network_def receives the weights.
         """
-        from .registration_model import convert_reference_weights
+        from .model import convert_reference_weights
 
         print(f"wrote {convert_reference_weights(source, out, bundle)}")
+
+
+def _modality(bundle: str, modality: str | None) -> dict | None:  # noqa: ARG001 (the bundle checks the key exists)
+    if modality is None:
+        return None
+    if modality not in ("ct", "mri"):
+        from .errors import InputError
+
+        raise InputError(f"modality must be 'ct' or 'mri', got {modality!r}.")
+    return {"modality": modality}
 
 
 def _one_line(error: BaseException) -> str:
@@ -123,11 +145,12 @@ def main(argv: list[str] | None = None) -> int:
             ``convert-weights`` is accepted for ``convert_weights``.
 
     Returns:
-        the exit code: 0 on success, 2 on bad input (one-line message on stderr), fire's code on ``--help``.
+        the exit code: 0 on success, 2 on bad input (one-line message on stderr), 1 on an internal
+        failure (traceback on stderr), fire's code on ``--help``.
     """
     import fire
 
-    from .io import ImageReadError
+    from .errors import USER_ERRORS
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "convert-weights":
@@ -137,9 +160,16 @@ def main(argv: list[str] | None = None) -> int:
         fire.Fire(Commands(), command=argv, name="monai-gradicon")
     except fire.core.FireExit as exit_:
         return int(exit_.code or 0)
-    except (ImageReadError, ValueError, OSError, RuntimeError, KeyError) as error:
+    except USER_ERRORS as error:
         print(f"monai-gradicon: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except Exception as error:  # an internal failure: never reported as bad input
+        traceback.print_exc()
+        hint = ""
+        if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
+            hint = " (out of memory: try --device cpu, close other jobs, or a machine with more memory)"
+        print(f"monai-gradicon: internal error: {type(error).__name__}{hint}; please report it with the traceback above.", file=sys.stderr)
+        return 1
     return 0
 
 

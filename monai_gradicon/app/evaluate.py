@@ -1,15 +1,16 @@
 """Evaluate registrations of a list of pairs: landmark mTRE (both directions) and label Dice plus folds.
 
-The pairs file is JSON, a list (or ``{"pairs": [...]}``) of objects with
+The pairs come from a pair datalist, the one schema of the bundles' datalists
+(:func:`monai_gradicon.transforms.load_pair_datalist`; section ``testing`` by default), entries with
 
 * ``moving``, ``fixed``: image files (``moving`` is image A, registered onto ``fixed``);
-* optional ``name`` (default: index), ``registration`` (an existing ``register`` output folder; when
-  absent the pair is registered now into ``<out>/<name>``);
+* optional ``id`` (default: index), ``registration`` (an existing ``register`` output folder; when
+  absent the pair is registered now into ``<out>/<id>``), ``moving_mask``/``fixed_mask``;
 * optional ``moving_landmarks``, ``fixed_landmarks`` (1-based voxel index files) and
   ``landmark_spacing`` (DirLab convention, see :func:`landmarks_to_physical`; default: the image affines);
-* optional ``moving_labels``, ``fixed_labels`` (label maps on each image's grid).
+* optional ``moving_label``, ``fixed_label`` (label maps on each image's grid).
 
-Relative paths are resolved against the pairs file's folder. Per pair: mTRE of ``Φ_AB`` (fixed
+Relative paths are resolved against the datalist's folder. Per pair: mTRE of ``Φ_AB`` (fixed
 landmarks mapped to the moving image) and of ``Φ_BA`` (the other way), the error before registration,
 mean Dice of the warped moving labels, and the folds of both maps. Over pairs: mean and 25/50/75th
 percentiles of the per-pair mTRE (the layout of paper Tab. 5), and the mean Dice and folds (Tab. 1).
@@ -23,25 +24,22 @@ import os
 import numpy as np
 
 from ..io import load_image
-from ..registration_model import RegistrationModel
-from .dice import label_dice
-from .landmarks import (
+from ..metrics import (
     PhysicalDisplacementField,
+    label_dice,
     landmark_distances,
     landmarks_to_physical,
     read_landmarks,
     target_registration_error,
     tre_summary,
 )
+from ..transforms.datalist import load_pair_datalist
+from .errors import InputError
+from .model import RegistrationModel
+from .pairs import pair_name
+from .register import register
 
 __all__ = ["evaluate_pairs", "evaluate_registration"]
-
-
-def _resolve(base: str, path: str | None) -> str | None:
-    if path is None:
-        return None
-    path = os.path.expanduser(path)
-    return path if os.path.isabs(path) else os.path.join(base, path)
 
 
 def evaluate_registration(pair: dict, registration_dir: str) -> dict:
@@ -73,13 +71,13 @@ def evaluate_registration(pair: dict, registration_dir: str) -> dict:
     }
     if pair.get("moving_landmarks") or pair.get("fixed_landmarks"):
         if not (pair.get("moving_landmarks") and pair.get("fixed_landmarks")):
-            raise ValueError(f"pair {pair.get('name')!r}: give both moving_landmarks and fixed_landmarks, or neither.")
+            raise InputError(f"pair {pair.get('id')!r}: give both moving_landmarks and fixed_landmarks, or neither.")
         spacing = pair.get("landmark_spacing")
         moving_index = read_landmarks(pair["moving_landmarks"])
         fixed_index = read_landmarks(pair["fixed_landmarks"])
         if moving_index.shape != fixed_index.shape:
-            raise ValueError(
-                f"pair {pair.get('name')!r}: {moving_index.shape[0]} moving landmarks but {fixed_index.shape[0]} fixed "
+            raise InputError(
+                f"pair {pair.get('id')!r}: {moving_index.shape[0]} moving landmarks but {fixed_index.shape[0]} fixed "
                 "landmarks; they must correspond one to one."
             )
         place = (lambda idx, aff: landmarks_to_physical(idx, spacing=spacing)) if spacing else (
@@ -91,11 +89,11 @@ def evaluate_registration(pair: dict, registration_dir: str) -> dict:
         result["tre_before"] = tre_summary(landmark_distances(fixed_mm, moving_mm))
         result["tre_forward"] = tre_summary(target_registration_error(fixed_mm, moving_mm, forward))
         result["tre_inverse"] = tre_summary(target_registration_error(moving_mm, fixed_mm, inverse))
-    if pair.get("fixed_labels"):
+    if pair.get("fixed_label"):
         warped_path = os.path.join(registration_dir, "warped_moving_labels.nii.gz")
         if not os.path.isfile(warped_path):
-            raise ValueError(f"pair {pair.get('name')!r}: fixed_labels given but {warped_path!r} is missing (register with moving_labels).")
-        fixed_labels = load_image(pair["fixed_labels"], "fixed label map").array[0].numpy()
+            raise InputError(f"pair {pair.get('id')!r}: fixed_label given but {warped_path!r} is missing (register with moving_label).")
+        fixed_labels = load_image(pair["fixed_label"], "fixed label map").array[0].numpy()
         warped = load_image(warped_path, "warped label map").array[0].numpy()
         scores = label_dice(warped, fixed_labels)
         result["dice"] = {str(k): v for k, v in scores.items()}
@@ -110,62 +108,57 @@ def _over_pairs(values: list[float]) -> dict[str, float]:
 
 
 def evaluate_pairs(
-    pairs_file: str,
+    datalist_file: str,
     out: str,
     bundle: str | RegistrationModel | None = None,
     weights: str | None = None,
     io_steps: int = 0,
     device: str | None = None,
     progress: bool = True,
+    section: str = "testing",
 ) -> dict:
-    """Register (when needed) and evaluate every pair of ``pairs_file``; write ``<out>/evaluation.json``.
+    """Register (when needed) and evaluate every pair of a datalist section; write ``<out>/evaluation.json``.
 
     Args:
-        pairs_file: JSON list of pairs (see the module docstring).
+        datalist_file: pair datalist (see the module docstring).
         out: output folder (``evaluation.json`` and registrations made now, one sub-folder per pair).
-        bundle: ``"knee"``, ``"lung"``, a bundle directory or a :class:`RegistrationModel`, for pairs
-            without a ``registration`` folder.
+        bundle: a short name, a bundle directory or a :class:`RegistrationModel`, for pairs without a
+            ``registration`` folder (loaded once for all pairs).
         weights: weights file overriding the bundle's.
         io_steps: instance-optimisation steps (paper Sec. 5.3) for registrations made now.
         device: ``"cpu"``/``"cuda"``; default: CUDA when available.
         progress: show progress bars.
+        section: the datalist section.
 
     Returns:
         ``{"pairs": [per-pair metrics], "summary": {...}}``.
     """
-    from ..register import register
+    from .model import load_registration_model
 
-    if not os.path.isfile(pairs_file):
-        raise FileNotFoundError(f"pairs file not found: {pairs_file!r}.")
-    with open(pairs_file, encoding="utf-8") as f:
-        try:
-            pairs = json.load(f)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"pairs file {pairs_file!r} is not valid JSON ({error}).") from None
-    pairs = pairs.get("pairs", pairs) if isinstance(pairs, dict) else pairs
-    if not isinstance(pairs, list) or not pairs:
-        raise ValueError(f"pairs file {pairs_file!r} must hold a non-empty list of pairs.")
-    base = os.path.dirname(os.path.abspath(pairs_file))
+    pairs = load_pair_datalist(datalist_file, section, required_keys=())
     os.makedirs(out, exist_ok=True)
+    model = None
     results = []
-    for number, raw in enumerate(pairs):
-        pair = {k: (_resolve(base, v) if k not in ("name", "landmark_spacing") and isinstance(v, str) else v) for k, v in raw.items()}
-        pair.setdefault("name", str(number))
-        for key in ("moving", "fixed"):
-            if not pair.get(key) and not pair.get("registration"):
-                raise ValueError(f"pair {pair['name']!r} has no {key!r} image.")
+    for number, pair in enumerate(pairs):
+        pair.setdefault("id", pair_name(pair, number))
         registration_dir = pair.get("registration")
         if not registration_dir:
+            missing = [key for key in ("moving", "fixed") if not pair.get(key)]
+            if missing:
+                raise InputError(f"pair {pair['id']!r} has no {missing} image(s) and no 'registration' folder.")
             if bundle is None:
-                raise ValueError(f"pair {pair['name']!r} has no 'registration' folder; give a bundle to register it.")
-            registration_dir = os.path.join(out, str(pair["name"]))
+                raise InputError(f"pair {pair['id']!r} has no 'registration' folder; give a bundle to register it.")
+            if model is None:
+                if isinstance(bundle, RegistrationModel) and weights:
+                    raise InputError("weights apply when the model is loaded from a bundle; this RegistrationModel is already built.")
+                model = bundle if isinstance(bundle, RegistrationModel) else load_registration_model(bundle, weights, device)
+            registration_dir = os.path.join(out, str(pair["id"]))
             register(
-                pair["moving"], pair["fixed"], bundle, registration_dir, moving_labels=pair.get("moving_labels"),
-                moving_mask=pair.get("moving_mask"), fixed_mask=pair.get("fixed_mask"), weights=weights,
-                io_steps=io_steps, device=device, progress=progress,
+                pair["moving"], pair["fixed"], model, registration_dir, moving_labels=pair.get("moving_label"),
+                moving_mask=pair.get("moving_mask"), fixed_mask=pair.get("fixed_mask"), io_steps=io_steps, progress=progress,
             )
         metrics = evaluate_registration(pair, registration_dir)
-        metrics["name"] = pair["name"]
+        metrics["id"] = pair["id"]
         results.append(metrics)
     summary: dict = {}
     for key in ("tre_before", "tre_forward", "tre_inverse"):

@@ -2,9 +2,9 @@
 
 Run::
 
-    python -m monai_gradicon.deploy.app -i INPUT_DIR -o OUTPUT_DIR -m BUNDLE_DIR_OR_WEIGHTS
+    python -m monai_gradicon.app.deploy.app -i INPUT_DIR -o OUTPUT_DIR -m BUNDLE_DIR_OR_WEIGHTS
 
-``INPUT_DIR`` holds ``moving.nii.gz`` and ``fixed.nii.gz`` (see :mod:`monai_gradicon.deploy.pipeline`).
+``INPUT_DIR`` holds ``moving.nii.gz`` and ``fixed.nii.gz`` (see :mod:`monai_gradicon.app.deploy.pipeline`).
 Package as a MONAI Application Package with ``monai-deploy package`` (needs Docker and network
 access; see README.md, "MONAI Deploy application").
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import Application
 
-from monai_gradicon.deploy.operators import GradICONRegistrationOperator, RegistrationPairLoaderOperator
+from monai_gradicon.app.deploy.operators import GradICONRegistrationOperator, RegistrationPairLoaderOperator
 
 __all__ = ["GradICONRegistrationApp", "main"]
 

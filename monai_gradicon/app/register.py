@@ -1,15 +1,14 @@
 """Register two scans in physical space and write files that ITK, SimpleITK, 3D Slicer and nibabel open.
 
-Pipeline (``register``):
+Pipeline (``register``), every step of it defined by the bundle (:mod:`monai_gradicon.app.model`):
 
 1. read both images with their RAS affines (:func:`monai_gradicon.io.load_image`), plus optional
-   masks and a moving label map, each checked to lie on its image's grid;
-2. the bundle's intensity preprocessing, then a resize to the network grid (linear). ``bundle="knee"`` /
-   ``"lung"`` resize like the reference's ITK wrapper (index axes reversed into ITK array order,
-   ``align_corners=False``), which is what the authors' released weights were trained on; a bundle
-   directory uses its own configs' convention (``registration`` section of ``inference.json``; default:
-   reorient to RAS as ``Orientationd``, then ``Resized(align_corners=True)``), see
-   :class:`PairGeometry`;
+   masks and a moving label map, each checked to lie on its image's grid; masks are checked against
+   the bundle's mask policy (required / optional / unused: never silently ignored);
+2. both scans are brought to common axis codes — the bundle's, if it declares them, else the fixed
+   image's (a permutation/flip of the moving array, no interpolation; the report says so) — and run
+   through the bundle's ``scan_preprocessing`` (intensity transforms, masks, then
+   :class:`~monai_gradicon.transforms.ToNetworkGridd`: the resampling convention of its weights);
 3. ``Φ_AB`` and ``Φ_BA`` from the network, optionally after instance optimisation;
 4. every fixed voxel ``x`` is carried to the network grid, through ``Φ_AB`` (the exact composition of
    the network's fields), back to the moving image's voxel grid and to millimetres: this gives the
@@ -18,7 +17,8 @@ Pipeline (``register``):
 
 Interpolation outside the moving image follows ITK's resampler: a point up to half a voxel outside
 takes the border value, further out the value is 0, so ITK resampling with the written transform
-reproduces the warped image.
+reproduces the warped image. Fields are evaluated in slabs of at most 2^21 voxels, so a 512×512×600
+CT needs no more memory than its outputs.
 """
 
 from __future__ import annotations
@@ -28,15 +28,13 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .instance_optimization import DEFAULT_IO_LEARNING_RATE, instance_optimize
-from .io import (
+from ..io import (
     ImageReadError,
     PhysicalImage,
     apply_affine,
@@ -46,11 +44,14 @@ from .io import (
     write_displacement_nifti,
     write_itk_displacement_transform,
 )
-from .losses import NCCLoss
-from .maps import Deformation, jacobian_determinant, warp
-from .registration_model import RegistrationModel, load_registration_model
+from ..losses import NCCLoss
+from ..maps import Deformation, jacobian_determinant, warp
+from ..transforms.network_grid import PairGeometry, axis_codes
+from .errors import InputError
+from .instance_optimization import DEFAULT_IO_LEARNING_RATE, instance_optimize
+from .model import RegistrationModel, load_registration_model
 
-__all__ = ["register", "RegistrationOutputs", "PairGeometry", "physical_transform", "OUTPUT_FILES"]
+__all__ = ["register", "RegistrationOutputs", "physical_transform", "OUTPUT_FILES"]
 
 OUTPUT_FILES = {
     "warped_moving": "warped_moving.nii.gz",
@@ -64,113 +65,6 @@ OUTPUT_FILES = {
     "overview": "overview.png",
 }
 _CHUNK_POINTS = 1 << 21
-
-
-@dataclass
-class PairGeometry:
-    """How one image grid sits on the network grid (a linear resize, as ``F.interpolate``).
-
-    Network axis ``a`` shows file axis ``f = axis_order[a]`` (default: ``D-1-a`` when ``reverse_axes``,
-    the ITK array order of the reference's wrapper, else ``a``), read backwards when ``flips[f]``
-    (``c' = S-1-c``; what ``Orientationd(axcodes="RAS")`` does to a non-RAS file). File voxel index
-    ``c'`` and network coordinate ``x ∈ [0, 1]`` relate by ``n = (c' + 0.5)·N/S − 0.5``,
-    ``x = n/(N − 1)`` with ``align_corners=False`` (the reference's ITK wrapper), or ``x = c'/(S − 1)``
-    with ``align_corners=True`` (MONAI ``Resized(align_corners=True)``, the bundles' configs).
-
-    Args:
-        image_shape: spatial shape of the file's voxel array.
-        network_shape: spatial shape of the network grid (network axis order).
-        reverse_axes: feed the file's index axes reversed (ignored when ``axis_order`` is given).
-        align_corners: the resize convention (see above).
-        axis_order: file axis shown along each network axis (a permutation), or ``None``.
-        flips: per file axis, whether it is read backwards; empty: no flips.
-    """
-
-    image_shape: tuple[int, ...]
-    network_shape: tuple[int, ...]
-    reverse_axes: bool
-    align_corners: bool = False
-    axis_order: tuple[int, ...] | None = None
-    flips: tuple[bool, ...] = ()
-
-    def __post_init__(self) -> None:
-        dims = len(self.image_shape)
-        if len(self.network_shape) != dims:
-            raise ValueError(f"image shape {self.image_shape} and network shape {self.network_shape} differ in dimension.")
-        if self.axis_order is not None and sorted(self.axis_order) != list(range(dims)):
-            raise ValueError(f"axis_order must be a permutation of {list(range(dims))}, got {self.axis_order}.")
-        if self.flips and len(self.flips) != dims:
-            raise ValueError(f"flips must give one flag per file axis ({dims}), got {self.flips}.")
-
-    @classmethod
-    def for_image(cls, image: PhysicalImage, model: RegistrationModel) -> "PairGeometry":
-        """The placement of ``image`` on ``model``'s grid, by the model's ``orientation``/``reverse_axes``/``align_corners``.
-
-        Args:
-            image: the image (its RAS affine decides the reorientation when ``model.orientation == "RAS"``).
-            model: the registration model.
-
-        Returns:
-            the geometry.
-        """
-        if model.orientation == "RAS":
-            import nibabel as nib
-
-            ornt = nib.orientations.io_orientation(image.affine)  # per file axis: (RAS axis, +1 | -1)
-            order = [0] * len(image.spatial_shape)
-            for f, (axis, sign) in enumerate(ornt):
-                order[int(axis)] = f
-            return cls(
-                image.spatial_shape, model.spatial_shape, False, model.align_corners,
-                tuple(order), tuple(bool(sign < 0) for _, sign in ornt),
-            )
-        return cls(image.spatial_shape, model.spatial_shape, model.reverse_axes, model.align_corners)
-
-    def _axes(self) -> list[int]:
-        if self.axis_order is not None:
-            return list(self.axis_order)
-        dims = len(self.image_shape)
-        return list(reversed(range(dims))) if self.reverse_axes else list(range(dims))
-
-    def _flipped(self, f: int) -> bool:
-        return bool(self.flips[f]) if self.flips else False
-
-    def to_network_layout(self, array: torch.Tensor) -> torch.Tensor:
-        """``(B, C, *file axes)`` -> ``(B, C, *network axes)`` (no resampling)."""
-        flipped = [2 + f for f in range(len(self.image_shape)) if self._flipped(f)]
-        if flipped:
-            array = array.flip(flipped)
-        axes = self._axes()
-        return array if axes == sorted(axes) else array.permute(0, 1, *[2 + f for f in axes])
-
-    def _to_grid(self, c: torch.Tensor, n_net: int, n_img: int) -> torch.Tensor:
-        if self.align_corners:
-            return c / max(n_img - 1, 1)
-        return ((c + 0.5) * n_net / n_img - 0.5) / (n_net - 1)
-
-    def index_to_unit(self, index: torch.Tensor) -> torch.Tensor:
-        """File voxel indices ``(P, D)`` -> network coordinates ``(1, D, P, 1[, 1])`` in [0, 1]."""
-        dims = len(self.image_shape)
-        columns = []
-        for a, f in enumerate(self._axes()):
-            n_net, n_img = self.network_shape[a], self.image_shape[f]
-            c = (n_img - 1) - index[:, f] if self._flipped(f) else index[:, f]
-            columns.append(self._to_grid(c, n_net, n_img))
-        return torch.stack(columns, 0).reshape(1, dims, -1, *([1] * (dims - 1)))
-
-    def unit_to_index(self, unit: torch.Tensor) -> torch.Tensor:
-        """Network coordinates ``(1, D, P, ...)`` -> file voxel indices ``(P, D)``."""
-        dims = len(self.image_shape)
-        flat = unit.reshape(dims, -1)
-        index = torch.empty(flat.shape[1], dims, dtype=flat.dtype, device=flat.device)
-        for a, f in enumerate(self._axes()):
-            n_net, n_img = self.network_shape[a], self.image_shape[f]
-            if self.align_corners:
-                c = flat[a] * max(n_img - 1, 1)
-            else:
-                c = (flat[a] * (n_net - 1) + 0.5) * n_img / n_net - 0.5
-            index[:, f] = (n_img - 1) - c if self._flipped(f) else c
-        return index
 
 
 def _voxel_indices(shape: Sequence[int], start: int, stop: int, device: torch.device) -> torch.Tensor:
@@ -255,13 +149,6 @@ def _resample_direction(
     )
 
 
-def _to_network(image: torch.Tensor, geometry: PairGeometry, device: torch.device) -> torch.Tensor:
-    """Preprocessed ``(1, *S)`` image -> ``(1, 1, *network shape)`` (linear resize, ``geometry.align_corners``)."""
-    x = geometry.to_network_layout(image[None].to(device))
-    mode = "trilinear" if x.ndim == 5 else "bilinear"
-    return F.interpolate(x, size=tuple(geometry.network_shape), mode=mode, align_corners=geometry.align_corners)
-
-
 def _check_same_grid(image: PhysicalImage, other: PhysicalImage, what: str) -> None:
     if image.spatial_shape != other.spatial_shape or not np.allclose(image.affine, other.affine, atol=1e-3):
         raise ImageReadError(
@@ -279,7 +166,7 @@ def _prepare_output_dir(out: str) -> str:
         os.makedirs(out, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".monai-gradicon-partial-", dir=out)
     except OSError as error:
-        raise OSError(f"output folder {out!r} is not writable ({error.strerror or error}).") from None
+        raise InputError(f"output folder {out!r} is not writable ({error.strerror or error}).") from None
     return staging
 
 
@@ -320,6 +207,44 @@ def _jacobian_summary(ddf: torch.Tensor) -> dict:
     }
 
 
+def _check_masks(model: RegistrationModel, masks: Sequence[PhysicalImage | None]) -> None:
+    given = [m is not None for m in masks]
+    if model.masks == "unused" and any(given):
+        raise InputError(
+            f"the {model.name!r} model does not use masks (its preprocessing has none); remove --moving-mask/--fixed-mask."
+        )
+    if model.masks == "required" and not all(given):
+        raise InputError(
+            f"the {model.name!r} model was trained on masked images (image × mask): give both --moving-mask and "
+            "--fixed-mask (e.g. lung segmentations); without them it would see what it never saw in training."
+        )
+    if model.masks == "optional" and any(given) and not all(given):
+        raise InputError(f"give masks for both images or for none (the {model.name!r} model masks both alike).")
+
+
+def _scan(image: PhysicalImage, mask: PhysicalImage | None, axcodes: str) -> dict:
+    from monai.data import MetaTensor
+
+    scan = {"image": MetaTensor(image.array, affine=torch.as_tensor(image.affine)), "axcodes": axcodes}
+    if mask is not None:
+        scan["mask"] = MetaTensor(mask.array, affine=torch.as_tensor(mask.affine))
+    return scan
+
+
+def _prepare(model: RegistrationModel, scan: dict, what: str, device: torch.device) -> tuple[torch.Tensor, PairGeometry]:
+    """The bundle's scan preprocessing; a ValueError inside a transform (MONAI wraps it) is bad input about ``what``."""
+    try:
+        image, geometry, _ = model.prepare(scan)
+    except RuntimeError as error:
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, ValueError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise InputError(f"{what}: {cause}") from None
+    return image.to(device), geometry
+
+
 def register(
     moving: str | os.PathLike,
     fixed: str | os.PathLike,
@@ -335,39 +260,49 @@ def register(
     device: str | None = None,
     progress: bool = True,
     seed: int = 0,
+    allow_untrained: bool = False,
+    overrides: Mapping | None = None,
 ) -> RegistrationOutputs:
     """Register ``moving`` to ``fixed`` and write the results to ``out``.
 
     Args:
         moving: moving image file (image A).
         fixed: fixed image file (image B); outputs of the forward direction live on its grid.
-        bundle: ``"knee"``, ``"lung"``, a bundle directory, or a :class:`RegistrationModel`.
+        bundle: a short name (``knee``, ``lung``, ``brain``, ``unigradicon``, ``multigradicon``), a
+            bundle directory, or a :class:`RegistrationModel`.
         out: output folder (created; files are staged and moved in only when all succeeded).
         moving_labels: optional label map on the moving grid, warped with nearest neighbour.
-        moving_mask: optional mask on the moving image's grid (used by the lung preprocessing).
-        fixed_mask: optional mask on the fixed image's grid (used by the lung preprocessing).
-        weights: weights file overriding the bundle's.
+        moving_mask: optional mask on the moving image's grid (as the bundle's mask policy allows).
+        fixed_mask: optional mask on the fixed image's grid.
+        weights: weights file overriding the bundle's (a ``model.pt`` or the authors' ``.trch``).
         io_steps: instance-optimisation steps (0: none; the reference's default when used is 50).
         io_learning_rate: Adam learning rate of instance optimisation (reference: 2e-5).
         overview: also write ``overview.png``.
         device: ``"cpu"``, ``"cuda"``...; default CUDA when available.
         progress: show a progress bar during instance optimisation.
         seed: seeds the GradICON perturbation of instance optimisation.
+        allow_untrained: run a bundle that has no weights file (the result is not a registration).
+        overrides: bundle config overrides (e.g. ``{"modality": "mri"}`` for uniGradICON).
 
     Returns:
         :class:`RegistrationOutputs` (report, written files, network-grid maps).
 
     Raises:
         ImageReadError: missing/unreadable/NaN/wrong-dimension inputs, or grids that do not match.
-        OSError: the output folder cannot be written.
-        ValueError: bad options.
+        InputError: bad options, masks against the bundle's policy, an image the preprocessing rejects,
+            an output folder that cannot be written.
+        MissingWeightsError: the bundle's weights file is missing (the message says where to get it).
     """
     started = time.perf_counter()
     if int(io_steps) != io_steps or io_steps < 0:
-        raise ValueError(f"io_steps must be a non-negative integer, got {io_steps!r}.")
-    model = bundle if isinstance(bundle, RegistrationModel) else load_registration_model(
-        os.fspath(bundle), os.fspath(weights) if weights else None, device
-    )
+        raise InputError(f"io_steps must be a non-negative integer, got {io_steps!r}.")
+    if isinstance(bundle, RegistrationModel):
+        given = [n for n, v in (("weights", weights), ("allow_untrained", allow_untrained), ("overrides", overrides)) if v]
+        if given:
+            raise InputError(f"{given} apply when the model is loaded from a bundle; this RegistrationModel is already built.")
+        model = bundle
+    else:
+        model = load_registration_model(bundle, weights, device, allow_untrained=allow_untrained, overrides=overrides)
     tensors = list(model.network.parameters()) + list(model.network.buffers())
     run_device = tensors[0].device if tensors else torch.device("cpu")
     dims = model.spatial_dims
@@ -380,13 +315,15 @@ def register(
     for image, mask, what in ((moving_image, masks[0], "moving mask"), (fixed_image, masks[1], "fixed mask")):
         if mask is not None:
             _check_same_grid(image, mask, what)
+    _check_masks(model, masks)
+    codes = {"moving": axis_codes(moving_image.affine), "fixed": axis_codes(fixed_image.affine)}
+    network_codes = model.grid.axcodes or codes["fixed"]
     out = os.fspath(out)
     staging = _prepare_output_dir(out)
     try:
-        geometry_A = PairGeometry.for_image(moving_image, model)
-        geometry_B = PairGeometry.for_image(fixed_image, model)
-        A = _to_network(model.preprocess(moving_image.array, masks[0].array if masks[0] else None), geometry_A, run_device)
-        B = _to_network(model.preprocess(fixed_image.array, masks[1].array if masks[1] else None), geometry_B, run_device)
+        A, geometry_A = _prepare(model, _scan(moving_image, masks[0], network_codes), f"moving image {moving_image.path!r}", run_device)
+        B, geometry_B = _prepare(model, _scan(fixed_image, masks[1], network_codes), f"fixed image {fixed_image.path!r}", run_device)
+        preprocessing_time = time.perf_counter() - started
         objective = model.objective().to(run_device)
         generator = torch.Generator().manual_seed(int(seed))
         objective.regularizer.generator = generator
@@ -423,27 +360,36 @@ def register(
         if forward.warped_labels is not None:
             save_nifti(np.rint(forward.warped_labels), fixed_image.affine, stage("warped_moving_labels"), dtype=np.int32)
         if overview:
-            from .registration_overview import save_overview
+            from ..visualize import save_registration_overview
 
-            save_overview(fixed_image, forward, stage("overview"))
+            save_registration_overview(fixed_image, forward, stage("overview"))
         with torch.no_grad():
-            ddf_AB = phi_AB.ddf(model.spatial_shape)
-            ddf_BA = phi_BA.ddf(model.spatial_shape)
+            ddf_AB = phi_AB.ddf(model.network_shape)
+            ddf_BA = phi_BA.ddf(model.network_shape)
             warped_A = warp(A, ddf_AB)
         magnitude = float(np.linalg.norm(forward.displacement, axis=0).max())
         report = {
             "moving": os.path.abspath(os.fspath(moving)),
             "fixed": os.path.abspath(os.fspath(fixed)),
             "moving_labels": os.path.abspath(os.fspath(moving_labels)) if moving_labels else None,
+            "moving_mask": os.path.abspath(os.fspath(moving_mask)) if moving_mask else None,
+            "fixed_mask": os.path.abspath(os.fspath(fixed_mask)) if fixed_mask else None,
             "bundle": model.name,
             "weights": model.weights,
             "notes": list(model.notes),
-            "network_shape": list(model.spatial_shape),
-            "resampling": {
-                "orientation": model.orientation,
-                "reverse_axes": bool(model.reverse_axes) if model.orientation != "RAS" else False,
-                "align_corners": bool(model.align_corners),
+            "network_shape": list(model.network_shape),
+            "resampling": model.convention | {
+                "moving": geometry_A.describe(),
+                "fixed": geometry_B.describe(),
             },
+            "axis_codes": {
+                "moving_stored": codes["moving"],
+                "fixed_stored": codes["fixed"],
+                "network_input": network_codes,
+                "moving_reoriented": codes["moving"] != network_codes,
+                "fixed_reoriented": codes["fixed"] != network_codes,
+            },
+            "masks": {"policy": model.masks, "moving": bool(masks[0]), "fixed": bool(masks[1])},
             "device": str(run_device),
             "fixed_affine_ras": fixed_image.affine.tolist(),
             "moving_affine_ras": moving_image.affine.tolist(),
@@ -456,7 +402,7 @@ def register(
                 "after": _ncc(warped_A, B),
             },
             "instance_optimization": io_report,
-            "runtime_seconds": {"network": network_time, "total": None},
+            "runtime_seconds": {"preprocessing": preprocessing_time, "network": network_time, "total": None},
             "files": {k: v for k, v in files.items()} | {"report": os.path.join(out, OUTPUT_FILES["report"])},
             "conventions": {
                 "displacement": "u(x) = T(x) - x in mm at each fixed voxel; T maps fixed points to moving points; "

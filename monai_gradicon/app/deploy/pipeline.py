@@ -2,9 +2,11 @@
 
 Input folder layout: ``moving.nii.gz`` and ``fixed.nii.gz`` (``.nii`` also accepted), optionally
 ``moving_labels.nii.gz``, ``moving_mask.nii.gz``, ``fixed_mask.nii.gz``. The model path (``-m`` /
-``HOLOSCAN_MODEL_PATH``) is a bundle directory, or a weights file for the built-in network named by the
-environment variable ``MONAI_GRADICON_BUNDLE`` (``knee`` by default); ``MONAI_GRADICON_IO_STEPS``
-sets instance-optimisation steps (default 0).
+``HOLOSCAN_MODEL_PATH``) is a bundle directory, or a weights file (or a folder holding one) for the bundle
+named by the environment variable ``MONAI_GRADICON_BUNDLE`` (a short name such as ``knee`` or
+``unigradicon``, or a bundle directory; ``knee`` by default); ``MONAI_GRADICON_IO_STEPS`` sets
+instance-optimisation steps (default 0). Registration is :func:`monai_gradicon.app.register`, driven by the
+bundle like every other path.
 """
 
 from __future__ import annotations
@@ -47,11 +49,11 @@ def find_pair(input_dir: str) -> dict[str, str]:
 
 
 def resolve_model(model_path: str | None) -> tuple[str, str | None]:
-    """``(bundle, weights)`` for :func:`monai_gradicon.register.register` from the app's model path.
+    """``(bundle, weights)`` for :func:`monai_gradicon.app.register` from the app's model path.
 
     Args:
         model_path: a bundle directory, a folder holding one weights file (``.pt``/``.pth``/``.trch``),
-            a weights file, or ``None``; without a bundle directory the built-in model named by the
+            a weights file, or ``None``; without a bundle directory the bundle named by the
             ``MONAI_GRADICON_BUNDLE`` environment variable (default ``"knee"``) is used.
 
     Returns:
@@ -68,12 +70,12 @@ def resolve_model(model_path: str | None) -> tuple[str, str | None]:
     return builtin, None
 
 
-def run_registration(input_dir: str, output_dir: str, model_path: str | None, device: str | None = None) -> dict:
-    """Register the pair found in ``input_dir`` and write the outputs of ``register`` to ``output_dir``.
+def run_registration(pair: dict[str, str], output_dir: str, model_path: str | None, device: str | None = None) -> dict:
+    """Register ``pair`` (role -> file, as :func:`find_pair` gives) and write the outputs of ``register`` to ``output_dir``.
 
     Args:
-        input_dir: the app's input folder (see :func:`find_pair`).
-        output_dir: where the outputs of :func:`monai_gradicon.register.register` go.
+        pair: the files handed to the operator (``moving``, ``fixed``, optional labels and masks).
+        output_dir: where the outputs of :func:`monai_gradicon.app.register` go.
         model_path: the app's model path (see :func:`resolve_model`).
         device: ``"cpu"``/``"cuda"``; default: CUDA when available.
 
@@ -82,7 +84,6 @@ def run_registration(input_dir: str, output_dir: str, model_path: str | None, de
     """
     from ..register import register
 
-    pair = find_pair(input_dir)
     bundle, weights = resolve_model(model_path)
     outputs = register(
         pair["moving"], pair["fixed"], bundle, output_dir, moving_labels=pair.get("moving_labels"),

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .losses import GradICONObjective
-from .maps import Deformation
+from ..losses import GradICONObjective
+from ..maps import Deformation
 
 __all__ = ["InstanceOptimizationResult", "instance_optimize", "DEFAULT_IO_LEARNING_RATE", "DEFAULT_IO_STEPS"]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from monai.deploy.core import ConditionType, Fragment, Operator, OperatorSpec
 
-from monai_gradicon.deploy.pipeline import find_pair, run_registration
+from monai_gradicon.app.deploy.pipeline import find_pair, run_registration
 
 __all__ = ["RegistrationPairLoaderOperator", "GradICONRegistrationOperator"]
 
@@ -53,6 +53,6 @@ class GradICONRegistrationOperator(Operator):
 
     def compute(self, op_input, op_output, context) -> None:
         pair = op_input.receive("pair")
-        report = run_registration(pair["input_dir"], str(self.output_folder), self.model_path)
+        report = run_registration(pair["files"], str(self.output_folder), self.model_path)
         self._logger.info(f"registration written to {self.output_folder}: folds {report['forward']['folds']}")
         op_output.emit(report, "report")

@@ -1,0 +1,29 @@
+"""The application layer: registering files with a bundle's model (CLI, pair lists, instance optimisation, Deploy).
+
+Built on the library floors (``maps``, ``losses``, ``networks``, ``transforms``, ``metrics``, ``io``),
+none of which imports from here.
+"""
+
+from .errors import USER_ERRORS, InputError, MissingWeightsError
+from .model import BUNDLE_ALIASES, RegistrationModel, bundle_directory, convert_reference_weights, load_registration_model
+from .register import OUTPUT_FILES, RegistrationOutputs, physical_transform, register
+from .pairs import register_pairs
+from .evaluate import evaluate_pairs, evaluate_registration
+
+__all__ = [
+    "USER_ERRORS",
+    "InputError",
+    "MissingWeightsError",
+    "BUNDLE_ALIASES",
+    "RegistrationModel",
+    "bundle_directory",
+    "convert_reference_weights",
+    "load_registration_model",
+    "OUTPUT_FILES",
+    "RegistrationOutputs",
+    "physical_transform",
+    "register",
+    "register_pairs",
+    "evaluate_pairs",
+    "evaluate_registration",
+]

@@ -1,0 +1,6 @@
+"""``python -m monai_gradicon.app.deploy -i INPUT -o OUTPUT -m MODEL`` (also the entry of a packaged app folder)."""
+
+from monai_gradicon.app.deploy.app import main
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,0 @@
-"""``python -m monai_gradicon.deploy -i INPUT -o OUTPUT -m MODEL`` (also the entry of a packaged app folder)."""
-
-from monai_gradicon.deploy.app import main
-
-if __name__ == "__main__":
-    main()
