@@ -3,8 +3,8 @@
 #   1. ./.venv: torch pinned to the local CPU build 2.13.0 first (an unpinned torch would pull a CUDA
 #      build of several GB), then this package with its "test" extras (ITK/SimpleITK for the transform
 #      round trips, jsonschema for the offline bundle metadata check, nilearn: its wheel carries the
-#      MNI152 volume of the real-image benchmark), and the authors' icon-registration 1.1.9 as the parity
-#      oracle (--no-deps: its torchvision requirement is not needed for losses/networks).
+#      MNI152 volume of the real-image benchmark), and the authors' icon-registration 1.1.9 and
+#      unigradicon 1.0.6 as the parity oracles (--no-deps: their torchvision requirement is not needed).
 #   2. ./.venv-deploy: the MONAI Deploy App SDK on top of ./.venv, kept apart because the SDK installs
 #      into the `monai` package itself; the tests marked deploy_sdk run there.
 # Both runs fail on a missing optional dependency (MONAI_GRADICON_REQUIRE_*) and on any skipped test
@@ -16,7 +16,7 @@ PY=${PYTHON:-python3}
 $PY -m venv .venv
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e ".[test]"
-.venv/bin/pip install -q --no-deps "icon-registration==1.1.9" footsteps
+.venv/bin/pip install -q --no-deps "icon-registration==1.1.9" "unigradicon==1.0.6" footsteps
 MONAI_GRADICON_REQUIRE_ITK=1 MONAI_GRADICON_REQUIRE_REFERENCE=1 MONAI_GRADICON_FORBID_SKIPS=1 \
   .venv/bin/python -m pytest -q -p no:cacheprovider -m "not deploy_sdk" tests
 
