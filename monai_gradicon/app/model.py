@@ -226,7 +226,7 @@ class RegistrationModel:
     @property
     def convention(self) -> dict:
         """The resampling convention, as the report states it."""
-        return {"order": self.grid.order, "align_corners": self.grid.align_corners, "axcodes": self.grid.axcodes}
+        return self.grid.convention
 
     def _attach_weights(self) -> None:
         if self.weights and os.path.isfile(self.weights):
@@ -365,7 +365,7 @@ def convert_reference_weights(source: str, out: str, bundle: str = "knee") -> st
         raise FileNotFoundError(f"reference weights file not found: {source!r}.")
     parser = _parser(bundle_directory(bundle))
     grids = [t for t in parser.get_parsed_content("scan_preprocessing", instantiate=True) if isinstance(t, ToNetworkGridd)]
-    convention = {"order": grids[0].order, "align_corners": grids[0].align_corners, "axcodes": grids[0].axcodes} if grids else None
+    convention = grids[0].convention if grids else None
     if convention != AUTHORS_CONVENTION:
         raise InputError(
             f"bundle {bundle!r} feeds its network {convention}, not the convention the authors' weights were trained "

@@ -259,6 +259,11 @@ class ToNetworkGridd(MapTransform):
         self.mask_keys = {mask_keys} if isinstance(mask_keys, str) else set(mask_keys)
         self.affine_key, self.axcodes_key, self.geometry_key = affine_key, axcodes_key, geometry_key
 
+    @property
+    def convention(self) -> dict:
+        """``{"order", "align_corners", "axcodes"}``: the resampling convention this transform applies."""
+        return {"order": self.order, "align_corners": self.align_corners, "axcodes": self.axcodes}
+
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         geometry = None
