@@ -38,11 +38,12 @@ between), so "the authors' Φ_AB" is that composite with its displacement field 
 any point. Points: 100 fixed voxel centres ≥ 2 voxels inside the fixed image (forward, ``transform.h5``)
 and 100 moving voxel centres (inverse, ``inverse_transform.h5`` vs their ``phi_BA``).
 
-Tolerance: **3e-4 mm** between ours and the authors' exact map (float32 rounding through four composed
+Tolerance: **1e-3 mm** between ours and the authors' exact map (float32 rounding through four composed
 steps of a rough random field, and of two implementations of each preprocessing: ITK filters vs
-MONAI/torch; it grows with the displacement). Against the authors' returned composite as is, ours must lie
-within their own interpolation error of the composed network-grid field (which bounds the difference
-between nodes) + 3e-4 mm. The network's own part of the map (beyond the fixed-box → moving-box alignment
+MONAI/torch; it grows with the displacement and with the CPU's float kernels, hence 7× the largest value
+measured here). Against the authors' returned composite as is, ours must lie within their own
+interpolation error of the composed network-grid field (which bounds the difference between nodes)
++ 1e-3 mm. The network's own part of the map (beyond the fixed-box → moving-box alignment
 of their two ``CenteredAffine`` transforms) must reach ≥ 3 mm (mean ≥ 1 mm). Measured (one thread, CPU):
 
 ====================  ====================  ====================  ===================
@@ -59,7 +60,7 @@ multigradicon mri     3.1e-5 mm / 6.2 mm    1.9e-5 mm / 6.4 mm    0.92 mm
 ====================  ====================  ====================  ===================
 
 ("max" is the network's own displacement; mean 2.3–7.1 mm.) Defects injected into a private copy of the
-repository (on ``PYTHONPATH``) fail these tests by > 2500× the tolerance: the lung bundle's window
+repository (on ``PYTHONPATH``) fail these tests by > 800× the tolerance: the lung bundle's window
 ``[-1000, 0]`` → ``[-1000, 1000]`` HU (lung: 1.5 mm); the knee window's upper percentile 99 → 99.5
 (knee: 0.92 mm); the brain scale 0.9/max → 1.0/max (brain: 1.1 mm); the ``modality`` override ignored
 (uni/multi MRI: 10.5 / 3.2 mm); ``align_corners`` flipped in ``PairGeometry.from_affine`` (every case:
@@ -103,7 +104,7 @@ N_POINTS = 100
 BORDER = 2  # voxels kept away from the image border
 LPS = np.array([-1.0, -1.0, 1.0])  # RAS <-> LPS
 
-POINT_TOL_MM = 3e-4  # ours vs the authors' exact map; measured ≤ 1.4e-4 mm (uniGradICON MRI, 14.5 mm displacement)
+POINT_TOL_MM = 1e-3  # ours vs the authors' exact map; measured ≤ 1.4e-4 mm (uniGradICON MRI, 14.5 mm displacement)
 NETWORK_PART_MIN_MM = 3.0  # the network's own displacement must reach this (measured 4.4-14.5 mm)
 
 # case -> (bundle short name, the authors' model factory, intensity domain, our overrides, masks)
