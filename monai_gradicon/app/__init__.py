@@ -9,6 +9,7 @@ from .model import BUNDLE_ALIASES, RegistrationModel, bundle_directory, convert_
 from .register import OUTPUT_FILES, RegistrationOutputs, physical_transform, register
 from .pairs import register_pairs
 from .evaluate import evaluate_pairs, evaluate_registration
+from .transform_files import jacobian_map, warp_image
 
 __all__ = [
     "USER_ERRORS",
@@ -26,4 +27,6 @@ __all__ = [
     "register_pairs",
     "evaluate_pairs",
     "evaluate_registration",
+    "warp_image",
+    "jacobian_map",
 ]

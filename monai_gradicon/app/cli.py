@@ -1,4 +1,4 @@
-"""The ``monai-gradicon`` command (python-fire): ``register``, ``evaluate``, ``convert-weights``.
+"""The ``monai-gradicon`` command (python-fire): ``register``, ``evaluate``, ``convert-weights``, ``warp``, ``jacobian``.
 
 Examples::
 
@@ -7,6 +7,8 @@ Examples::
     monai-gradicon register --moving t1_a.nii.gz --fixed t1_b.nii.gz --bundle unigradicon --modality mri --out result
     monai-gradicon evaluate --pairs datalist.json --out evaluation --bundle knee
     monai-gradicon convert-weights --source lung_model_weights_step_2.trch --out lung.pt --bundle lung
+    monai-gradicon warp --moving labels.nii.gz --fixed F.nii.gz --transform result/transform.h5 --out warped_labels.nii.gz --nearest
+    monai-gradicon jacobian --transform result/transform.h5 --fixed F.nii.gz --out jacobian.nii.gz
 
 Bad input (:data:`monai_gradicon.app.USER_ERRORS`) ends with one ``monai-gradicon: error: ...`` line on
 stderr and exit code 2; an internal failure (out of memory, a bug) prints its traceback, a hint where
@@ -120,6 +122,37 @@ class Commands:
         from .model import convert_reference_weights
 
         print(f"wrote {convert_reference_weights(source, out, bundle)}")
+
+    def warp(self, moving: str, fixed: str, out: str, transform: str | None = None, nearest: bool = False) -> None:
+        """Warp MOVING onto the FIXED grid with an ITK transform file (none: plain resample onto the fixed grid).
+
+        Args:
+            moving: image or label map to warp (label maps keep their pixel type with --nearest).
+            fixed: the fixed image; the output has its grid and header.
+            out: output image.
+            transform: transform.h5 / inverse_transform.h5 of register, or any ITK transform file (composite too).
+            nearest: nearest-neighbour interpolation (label maps) instead of linear.
+        """
+        from .transform_files import warp_image
+
+        print(f"wrote {warp_image(moving, fixed, out, transform=transform, nearest=nearest)}")
+
+    def jacobian(self, transform: str, fixed: str, out: str, log: bool = False) -> None:
+        """Jacobian determinant map of TRANSFORM on the FIXED grid, and its fold count (det <= 0).
+
+        Args:
+            transform: an ITK transform file (transform.h5 of register, or any itk.transformread file).
+            fixed: the fixed image whose grid the map is sampled on.
+            out: output map (float32, the fixed header).
+            log: write log(det); folds are written as NaN, with a warning.
+        """
+        from .transform_files import jacobian_map
+
+        r = jacobian_map(transform, fixed, out, log=log)
+        print(
+            f"jacobian: folds {r['folds']} of {r['voxels']} voxels ({r['folds_percent']:.4f} %), "
+            f"det min {r['min']:.4f} max {r['max']:.4f}; wrote {'log ' if log else ''}{r['path']}"
+        )
 
 
 def _modality(bundle: str, modality: str | None) -> dict | None:  # noqa: ARG001 (the bundle checks the key exists)
