@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..io import ImageReadError
 
-__all__ = ["InputError", "MissingWeightsError", "USER_ERRORS"]
+__all__ = ["InputError", "MissingWeightsError", "USER_ERRORS", "raised_inside"]
 
 
 class InputError(ValueError):
@@ -20,3 +20,22 @@ class MissingWeightsError(FileNotFoundError):
 
 
 USER_ERRORS = (InputError, ImageReadError, MissingWeightsError, FileNotFoundError)
+
+
+def raised_inside(error: BaseException, types: type | tuple[type, ...]) -> BaseException | None:
+    """The first exception of ``types`` in the chain of ``error`` (itself, then its causes), or ``None``.
+
+    MONAI wraps what a transform or a config-built constructor raised in a ``RuntimeError``; this finds
+    the original, so that bad input stays reported as bad input.
+
+    Args:
+        error: the exception caught.
+        types: the exception class(es) looked for.
+
+    Returns:
+        that exception, or ``None`` when the chain holds none.
+    """
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, types):
+        cause = cause.__cause__ or cause.__context__
+    return cause

@@ -35,7 +35,7 @@ from ..losses import GradICONLoss, GradICONObjective, LNCCLoss
 from ..maps import Deformation
 from ..networks import MultiStepRegistrationNet, load_reference_weights
 from ..transforms.network_grid import PairGeometry, ToNetworkGridd
-from .errors import InputError, MissingWeightsError
+from .errors import USER_ERRORS, InputError, MissingWeightsError, raised_inside
 
 __all__ = [
     "BUNDLE_ALIASES",
@@ -335,11 +335,7 @@ def load_registration_model(
     try:
         model = parser.get_parsed_content("registration_model", instantiate=True)
     except RuntimeError as error:  # MONAI wraps what the constructor raised: a user error stays one
-        from .errors import USER_ERRORS
-
-        cause: BaseException | None = error
-        while cause is not None and not isinstance(cause, USER_ERRORS):
-            cause = cause.__cause__ or cause.__context__
+        cause = raised_inside(error, USER_ERRORS)
         if cause is None:
             raise
         raise cause from None

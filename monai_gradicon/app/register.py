@@ -47,7 +47,7 @@ from ..io import (
 from ..losses import NCCLoss
 from ..maps import Deformation, jacobian_determinant, warp
 from ..transforms.network_grid import PairGeometry, axis_codes
-from .errors import InputError
+from .errors import InputError, raised_inside
 from .instance_optimization import DEFAULT_IO_LEARNING_RATE, instance_optimize
 from .model import RegistrationModel, load_registration_model
 
@@ -236,9 +236,7 @@ def _prepare(model: RegistrationModel, scan: dict, what: str, device: torch.devi
     try:
         image, geometry, _ = model.prepare(scan)
     except RuntimeError as error:
-        cause: BaseException | None = error
-        while cause is not None and not isinstance(cause, ValueError):
-            cause = cause.__cause__
+        cause = raised_inside(error, ValueError)
         if cause is None:
             raise
         raise InputError(f"{what}: {cause}") from None
