@@ -6,7 +6,7 @@ none of which imports from here.
 
 from .errors import USER_ERRORS, InputError, MissingWeightsError
 from .model import BUNDLE_ALIASES, RegistrationModel, bundle_directory, convert_reference_weights, load_registration_model
-from .register import OUTPUT_FILES, RegistrationOutputs, physical_transform, register
+from .register import OUTPUT_FILES, PreparedPair, RegistrationOutputs, physical_transform, prepare_pair, register, write_registration
 from .pairs import register_pairs
 from .evaluate import evaluate_pairs, evaluate_registration
 from .transform_files import jacobian_map, warp_image
@@ -24,6 +24,9 @@ __all__ = [
     "RegistrationOutputs",
     "physical_transform",
     "register",
+    "prepare_pair",
+    "write_registration",
+    "PreparedPair",
     "register_pairs",
     "evaluate_pairs",
     "evaluate_registration",

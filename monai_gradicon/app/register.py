@@ -51,7 +51,7 @@ from .errors import InputError, raised_inside
 from .instance_optimization import DEFAULT_IO_LEARNING_RATE, instance_optimize
 from .model import RegistrationModel, load_registration_model
 
-__all__ = ["register", "RegistrationOutputs", "physical_transform", "OUTPUT_FILES"]
+__all__ = ["register", "prepare_pair", "write_registration", "PreparedPair", "RegistrationOutputs", "physical_transform", "OUTPUT_FILES"]
 
 OUTPUT_FILES = {
     "warped_moving": "warped_moving.nii.gz",
@@ -160,6 +160,11 @@ def _check_same_grid(image: PhysicalImage, other: PhysicalImage, what: str) -> N
         )
 
 
+def _prepare_output_dir_check(out: str | os.PathLike) -> None:
+    """Fail early (before the network runs) when ``out`` cannot be created or written."""
+    shutil.rmtree(_prepare_output_dir(os.fspath(out)), ignore_errors=True)
+
+
 def _prepare_output_dir(out: str) -> str:
     """Create ``out`` if needed, check it is writable, and return a private staging folder inside it."""
     try:
@@ -243,6 +248,213 @@ def _prepare(model: RegistrationModel, scan: dict, what: str, device: torch.devi
     return image.to(device), geometry
 
 
+@dataclass
+class PreparedPair:
+    """A pair read, checked and on the network grid: what the network and the writer of :func:`register` need.
+
+    Args:
+        moving_image: the moving image as read (image A).
+        fixed_image: the fixed image as read (image B).
+        labels: the moving label map, or ``None``.
+        masks: ``[moving mask, fixed mask]`` (either may be ``None``).
+        paths: ``moving``/``fixed``/``moving_labels``/``moving_mask``/``fixed_mask`` -> absolute path or ``None``.
+        codes: the stored axis codes of ``moving`` and ``fixed``.
+        network_codes: the axis codes both scans were brought to.
+        A: the preprocessed moving image ``(1, C, *network_shape)``.
+        B: the preprocessed fixed image.
+        geometry_A: the moving image's placement on the network grid.
+        geometry_B: the fixed image's placement on the network grid.
+        preprocessing_seconds: time spent reading and preprocessing.
+    """
+
+    moving_image: PhysicalImage
+    fixed_image: PhysicalImage
+    labels: PhysicalImage | None
+    masks: list
+    paths: dict
+    codes: dict
+    network_codes: str
+    A: torch.Tensor
+    B: torch.Tensor
+    geometry_A: PairGeometry
+    geometry_B: PairGeometry
+    preprocessing_seconds: float
+
+
+def _absolute(path: str | os.PathLike | None) -> str | None:
+    return os.path.abspath(os.fspath(path)) if path else None
+
+
+def prepare_pair(
+    model: RegistrationModel,
+    moving: str | os.PathLike,
+    fixed: str | os.PathLike,
+    moving_labels: str | os.PathLike | None = None,
+    moving_mask: str | os.PathLike | None = None,
+    fixed_mask: str | os.PathLike | None = None,
+    device: torch.device | str = "cpu",
+) -> PreparedPair:
+    """Read a pair, check it against the model (grids, mask policy) and run the bundle's scan preprocessing.
+
+    Args:
+        model: the bundle's registration model.
+        moving: moving image file (image A).
+        fixed: fixed image file (image B).
+        moving_labels: optional label map on the moving grid.
+        moving_mask: optional mask on the moving grid.
+        fixed_mask: optional mask on the fixed grid.
+        device: where the preprocessed images are put.
+
+    Returns:
+        the :class:`PreparedPair`.
+
+    Raises:
+        ImageReadError: missing/unreadable/NaN/wrong-dimension inputs, or grids that do not match.
+        InputError: masks against the bundle's policy, an image the preprocessing rejects.
+    """
+    started = time.perf_counter()
+    dims = model.spatial_dims
+    moving_image = load_image(moving, "moving image", dims)
+    fixed_image = load_image(fixed, "fixed image", dims)
+    labels = load_image(moving_labels, "moving label map", dims) if moving_labels else None
+    masks = [load_image(m, n, dims) if m else None for m, n in ((moving_mask, "moving mask"), (fixed_mask, "fixed mask"))]
+    if labels is not None:
+        _check_same_grid(moving_image, labels, "moving label map")
+    for image, mask, what in ((moving_image, masks[0], "moving mask"), (fixed_image, masks[1], "fixed mask")):
+        if mask is not None:
+            _check_same_grid(image, mask, what)
+    _check_masks(model, masks)
+    codes = {"moving": axis_codes(moving_image.affine), "fixed": axis_codes(fixed_image.affine)}
+    network_codes = model.grid.axcodes or codes["fixed"]
+    device = torch.device(device)
+    A, geometry_A = _prepare(model, _scan(moving_image, masks[0], network_codes), f"moving image {moving_image.path!r}", device)
+    B, geometry_B = _prepare(model, _scan(fixed_image, masks[1], network_codes), f"fixed image {fixed_image.path!r}", device)
+    paths = {
+        "moving": _absolute(moving), "fixed": _absolute(fixed), "moving_labels": _absolute(moving_labels),
+        "moving_mask": _absolute(moving_mask), "fixed_mask": _absolute(fixed_mask),
+    }
+    return PreparedPair(
+        moving_image, fixed_image, labels, masks, paths, codes, network_codes, A, B, geometry_A, geometry_B,
+        time.perf_counter() - started,
+    )
+
+
+def write_registration(
+    model: RegistrationModel,
+    pair: PreparedPair,
+    phi_AB: Deformation,
+    phi_BA: Deformation,
+    out: str | os.PathLike,
+    io_report: dict | None = None,
+    overview: bool = False,
+    network_seconds: float = 0.0,
+) -> RegistrationOutputs:
+    """Carry the network-grid maps of a prepared pair to both images' grids and write every output to ``out``.
+
+    Files are staged in a private folder inside ``out`` and moved in only when all succeeded.
+
+    Args:
+        model: the model that produced the maps.
+        pair: the :class:`PreparedPair` the maps belong to.
+        phi_AB: ``Φ_AB`` (moving = A, fixed = B) on the network grid.
+        phi_BA: ``Φ_BA`` on the network grid.
+        out: output folder (created).
+        io_report: the instance-optimisation summary for the report, or ``None``.
+        overview: also write ``overview.png``.
+        network_seconds: time the network (and instance optimisation) took, for the report.
+
+    Returns:
+        :class:`RegistrationOutputs` (report, written files, network-grid maps).
+
+    Raises:
+        InputError: the output folder cannot be written.
+    """
+    started = time.perf_counter()
+    out = os.fspath(out)
+    staging = _prepare_output_dir(out)
+    moving_image, fixed_image, labels, masks, codes = pair.moving_image, pair.fixed_image, pair.labels, pair.masks, pair.codes
+    network_codes, A, B, geometry_A, geometry_B = pair.network_codes, pair.A, pair.B, pair.geometry_A, pair.geometry_B
+    run_device = phi_AB.fields[0].device
+    try:
+        forward = _resample_direction(phi_AB, fixed_image, moving_image, geometry_B, geometry_A, labels)
+        inverse = _resample_direction(phi_BA, moving_image, fixed_image, geometry_A, geometry_B, None)
+        files = {}
+
+        def stage(key: str) -> str:
+            files[key] = os.path.join(out, OUTPUT_FILES[key])
+            return os.path.join(staging, OUTPUT_FILES[key])
+
+        save_nifti(forward.warped, fixed_image.affine, stage("warped_moving"))
+        write_displacement_nifti(forward.displacement, fixed_image.affine, stage("displacement"))
+        write_itk_displacement_transform(forward.displacement, fixed_image.affine, stage("transform"))
+        save_nifti(inverse.warped, moving_image.affine, stage("inverse_warped_fixed"))
+        write_displacement_nifti(inverse.displacement, moving_image.affine, stage("inverse_displacement"))
+        write_itk_displacement_transform(inverse.displacement, moving_image.affine, stage("inverse_transform"))
+        if forward.warped_labels is not None:
+            save_nifti(np.rint(forward.warped_labels), fixed_image.affine, stage("warped_moving_labels"), dtype=np.int32)
+        if overview:
+            from ..visualize import save_registration_overview
+
+            save_registration_overview(fixed_image, forward, stage("overview"))
+        with torch.no_grad():
+            ddf_AB = phi_AB.ddf(model.network_shape)
+            ddf_BA = phi_BA.ddf(model.network_shape)
+            warped_A = warp(A, ddf_AB)
+        magnitude = float(np.linalg.norm(forward.displacement, axis=0).max())
+        report = {
+            **pair.paths,
+            "bundle": model.name,
+            "weights": model.weights,
+            "notes": list(model.notes),
+            "network_shape": list(model.network_shape),
+            "resampling": model.convention | {
+                "moving": geometry_A.describe(),
+                "fixed": geometry_B.describe(),
+            },
+            "axis_codes": {
+                "moving_stored": codes["moving"],
+                "fixed_stored": codes["fixed"],
+                "network_input": network_codes,
+                "moving_reoriented": codes["moving"] != network_codes,
+                "fixed_reoriented": codes["fixed"] != network_codes,
+            },
+            "masks": {"policy": model.masks, "moving": bool(masks[0]), "fixed": bool(masks[1])},
+            "device": str(run_device),
+            "fixed_affine_ras": fixed_image.affine.tolist(),
+            "moving_affine_ras": moving_image.affine.tolist(),
+            "forward": _jacobian_summary(ddf_AB),
+            "inverse": _jacobian_summary(ddf_BA),
+            "max_displacement_mm": magnitude,
+            "similarity": {
+                "measure": "global NCC of the preprocessed images on the network grid (1 = identical)",
+                "before": _ncc(A, B),
+                "after": _ncc(warped_A, B),
+            },
+            "instance_optimization": io_report,
+            "runtime_seconds": {
+                "preprocessing": pair.preprocessing_seconds,
+                "network": network_seconds,
+                "writing": None,
+                "total": None,
+            },
+            "files": {k: v for k, v in files.items()} | {"report": os.path.join(out, OUTPUT_FILES["report"])},
+            "conventions": {
+                "displacement": "u(x) = T(x) - x in mm at each fixed voxel; T maps fixed points to moving points; "
+                "NIfTI vectors in RAS (intent DISPVECT, ITK reads them as LPS); transform.h5 in ITK LPS",
+                "jacobian": "forward differences of the map on the network grid (voxel units); folds = det < 0",
+            },
+        }
+        report["runtime_seconds"]["writing"] = time.perf_counter() - started
+        report["runtime_seconds"]["total"] = pair.preprocessing_seconds + network_seconds + report["runtime_seconds"]["writing"]
+        with open(stage("report"), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        for key, path in files.items():
+            os.replace(os.path.join(staging, os.path.basename(path)), path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return RegistrationOutputs(report=report, files=files, phi_AB=phi_AB, phi_BA=phi_BA)
+
+
 def register(
     moving: str | os.PathLike,
     fixed: str | os.PathLike,
@@ -291,7 +503,6 @@ def register(
             an output folder that cannot be written.
         MissingWeightsError: the bundle's weights file is missing (the message says where to get it).
     """
-    started = time.perf_counter()
     if int(io_steps) != io_steps or io_steps < 0:
         raise InputError(f"io_steps must be a non-negative integer, got {io_steps!r}.")
     if isinstance(bundle, RegistrationModel):
@@ -303,116 +514,25 @@ def register(
         model = load_registration_model(bundle, weights, device, allow_untrained=allow_untrained, overrides=overrides)
     tensors = list(model.network.parameters()) + list(model.network.buffers())
     run_device = tensors[0].device if tensors else torch.device("cpu")
-    dims = model.spatial_dims
-    moving_image = load_image(moving, "moving image", dims)
-    fixed_image = load_image(fixed, "fixed image", dims)
-    labels = load_image(moving_labels, "moving label map", dims) if moving_labels else None
-    masks = [load_image(m, n, dims) if m else None for m, n in ((moving_mask, "moving mask"), (fixed_mask, "fixed mask"))]
-    if labels is not None:
-        _check_same_grid(moving_image, labels, "moving label map")
-    for image, mask, what in ((moving_image, masks[0], "moving mask"), (fixed_image, masks[1], "fixed mask")):
-        if mask is not None:
-            _check_same_grid(image, mask, what)
-    _check_masks(model, masks)
-    codes = {"moving": axis_codes(moving_image.affine), "fixed": axis_codes(fixed_image.affine)}
-    network_codes = model.grid.axcodes or codes["fixed"]
-    out = os.fspath(out)
-    staging = _prepare_output_dir(out)
-    try:
-        A, geometry_A = _prepare(model, _scan(moving_image, masks[0], network_codes), f"moving image {moving_image.path!r}", run_device)
-        B, geometry_B = _prepare(model, _scan(fixed_image, masks[1], network_codes), f"fixed image {fixed_image.path!r}", run_device)
-        preprocessing_time = time.perf_counter() - started
-        objective = model.objective().to(run_device)
-        generator = torch.Generator().manual_seed(int(seed))
-        objective.regularizer.generator = generator
-        with torch.no_grad():
-            phi_AB = model.deformation(A, B)
-            phi_BA = model.deformation(B, A)
-        io_report = None
-        if io_steps > 0:
-            result = instance_optimize(
-                model.deformation, model.network, A, B, objective, int(io_steps), io_learning_rate, progress, generator
-            )
-            phi_AB, phi_BA = result.phi_AB, result.phi_BA
-            io_report = {
-                "steps": int(io_steps),
-                "learning_rate": io_learning_rate,
-                "objective_before": result.losses[0],
-                "objective_after": result.final_loss,
-            }
-        network_time = time.perf_counter() - started
-        forward = _resample_direction(phi_AB, fixed_image, moving_image, geometry_B, geometry_A, labels)
-        inverse = _resample_direction(phi_BA, moving_image, fixed_image, geometry_A, geometry_B, None)
-        files = {}
-
-        def stage(key: str) -> str:
-            files[key] = os.path.join(out, OUTPUT_FILES[key])
-            return os.path.join(staging, OUTPUT_FILES[key])
-
-        save_nifti(forward.warped, fixed_image.affine, stage("warped_moving"))
-        write_displacement_nifti(forward.displacement, fixed_image.affine, stage("displacement"))
-        write_itk_displacement_transform(forward.displacement, fixed_image.affine, stage("transform"))
-        save_nifti(inverse.warped, moving_image.affine, stage("inverse_warped_fixed"))
-        write_displacement_nifti(inverse.displacement, moving_image.affine, stage("inverse_displacement"))
-        write_itk_displacement_transform(inverse.displacement, moving_image.affine, stage("inverse_transform"))
-        if forward.warped_labels is not None:
-            save_nifti(np.rint(forward.warped_labels), fixed_image.affine, stage("warped_moving_labels"), dtype=np.int32)
-        if overview:
-            from ..visualize import save_registration_overview
-
-            save_registration_overview(fixed_image, forward, stage("overview"))
-        with torch.no_grad():
-            ddf_AB = phi_AB.ddf(model.network_shape)
-            ddf_BA = phi_BA.ddf(model.network_shape)
-            warped_A = warp(A, ddf_AB)
-        magnitude = float(np.linalg.norm(forward.displacement, axis=0).max())
-        report = {
-            "moving": os.path.abspath(os.fspath(moving)),
-            "fixed": os.path.abspath(os.fspath(fixed)),
-            "moving_labels": os.path.abspath(os.fspath(moving_labels)) if moving_labels else None,
-            "moving_mask": os.path.abspath(os.fspath(moving_mask)) if moving_mask else None,
-            "fixed_mask": os.path.abspath(os.fspath(fixed_mask)) if fixed_mask else None,
-            "bundle": model.name,
-            "weights": model.weights,
-            "notes": list(model.notes),
-            "network_shape": list(model.network_shape),
-            "resampling": model.convention | {
-                "moving": geometry_A.describe(),
-                "fixed": geometry_B.describe(),
-            },
-            "axis_codes": {
-                "moving_stored": codes["moving"],
-                "fixed_stored": codes["fixed"],
-                "network_input": network_codes,
-                "moving_reoriented": codes["moving"] != network_codes,
-                "fixed_reoriented": codes["fixed"] != network_codes,
-            },
-            "masks": {"policy": model.masks, "moving": bool(masks[0]), "fixed": bool(masks[1])},
-            "device": str(run_device),
-            "fixed_affine_ras": fixed_image.affine.tolist(),
-            "moving_affine_ras": moving_image.affine.tolist(),
-            "forward": _jacobian_summary(ddf_AB),
-            "inverse": _jacobian_summary(ddf_BA),
-            "max_displacement_mm": magnitude,
-            "similarity": {
-                "measure": "global NCC of the preprocessed images on the network grid (1 = identical)",
-                "before": _ncc(A, B),
-                "after": _ncc(warped_A, B),
-            },
-            "instance_optimization": io_report,
-            "runtime_seconds": {"preprocessing": preprocessing_time, "network": network_time, "total": None},
-            "files": {k: v for k, v in files.items()} | {"report": os.path.join(out, OUTPUT_FILES["report"])},
-            "conventions": {
-                "displacement": "u(x) = T(x) - x in mm at each fixed voxel; T maps fixed points to moving points; "
-                "NIfTI vectors in RAS (intent DISPVECT, ITK reads them as LPS); transform.h5 in ITK LPS",
-                "jacobian": "forward differences of the map on the network grid (voxel units); folds = det < 0",
-            },
+    pair = prepare_pair(model, moving, fixed, moving_labels, moving_mask, fixed_mask, run_device)
+    _prepare_output_dir_check(out)
+    started = time.perf_counter()
+    objective = model.objective().to(run_device)
+    generator = torch.Generator().manual_seed(int(seed))
+    objective.regularizer.generator = generator
+    with torch.no_grad():
+        phi_AB = model.deformation(pair.A, pair.B)
+        phi_BA = model.deformation(pair.B, pair.A)
+    io_report = None
+    if io_steps > 0:
+        result = instance_optimize(
+            model.deformation, model.network, pair.A, pair.B, objective, int(io_steps), io_learning_rate, progress, generator
+        )
+        phi_AB, phi_BA = result.phi_AB, result.phi_BA
+        io_report = {
+            "steps": int(io_steps),
+            "learning_rate": io_learning_rate,
+            "objective_before": result.losses[0],
+            "objective_after": result.final_loss,
         }
-        report["runtime_seconds"]["total"] = time.perf_counter() - started
-        with open(stage("report"), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-        for key, path in files.items():
-            os.replace(os.path.join(staging, os.path.basename(path)), path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return RegistrationOutputs(report=report, files=files, phi_AB=phi_AB, phi_BA=phi_BA)
+    return write_registration(model, pair, phi_AB, phi_BA, out, io_report, overview, time.perf_counter() - started)
