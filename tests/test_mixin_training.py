@@ -234,15 +234,15 @@ def test_example_script_quick_run():
         assert float(lines[run][4]) > 1e-3 and float(lines[run][3]) > 0.0, lines[run]
 
 
-def test_readme_snippets_run():
-    """The code blocks of README's mix-in section (the 10-line swap, the SupervisedTrainer recipe) run as written."""
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    text = readme.split("\n## Use GradICON in an existing MONAI registration pipeline\n", 1)[1].split("\n## ", 1)[0]
+def test_library_page_snippets_run():
+    """The code blocks of docs/library.md's mix-in section (the swap, the SupervisedTrainer recipe) run as written."""
+    page = open(os.path.join(ROOT, "docs", "library.md"), encoding="utf-8").read()
+    text = page.split("\n## Use GradICON in an existing MONAI registration pipeline\n", 1)[1].split("\n## ", 1)[0]
     blocks = [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
     assert len(blocks) == 2
     swap: dict = {}
     torch.manual_seed(0)  # the snippets draw from torch's global RNG
-    exec(compile(blocks[0], "README.md:swap", "exec"), swap)
+    exec(compile(blocks[0], "docs/library.md:swap", "exec"), swap)
     assert swap["loss"].ndim == 0 and torch.isfinite(swap["loss"])
     missing = [n for n, p in swap["net"].named_parameters() if p.grad is None or not float(p.grad.abs().max()) > 0]
     assert not missing, missing
@@ -254,7 +254,7 @@ def test_readme_snippets_run():
         reg = GradICONLoss(3, generator=torch.Generator().manual_seed(1))(swap["ddf_ab"], swap["ddf_ba"])
     assert 0.5 * float(reg) < float(swap["loss"].detach() - similarity) < 2 * float(reg)  # another draw of the perturbation
     recipe: dict = {}
-    exec(compile(blocks[1], "README.md:trainer", "exec"), recipe)
+    exec(compile(blocks[1], "docs/library.md:trainer", "exec"), recipe)
     assert recipe["trainer"].state.iteration == 2
     output = recipe["trainer"].state.output  # decollated: one dict per batch item
     assert all(torch.isfinite(torch.as_tensor(item[CommonKeys.LOSS])) for item in output)
