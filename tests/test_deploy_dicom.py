@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import nibabel as nib
 import numpy as np
@@ -132,3 +133,134 @@ def test_series_geometry_refuses_what_is_not_one_regular_volume(tmp_path):
     write_series(str(tmp_path / "same"), fixed[:, :, :3], affine, 3, "same", "1.2.3.4", positions=same)
     with pytest.raises(InputError, match="two slices lie at the same position"):
         series_geometry(_datasets(str(tmp_path / "same")))
+
+
+# --- the Deploy app on a DICOM study (marker deploy_sdk: the Deploy environment) -------------------------
+
+STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
+
+
+@pytest.fixture()
+def pair_inputs(tmp_path):
+    """A NIfTI pair, the same pair as a DICOM study (moving = SeriesNumber 3, fixed = 7), and a deforming bundle."""
+    moving, fixed, affine = _pair_volumes()
+    nifti = tmp_path / "nifti"
+    nifti.mkdir()
+    save(str(nifti / "moving.nii.gz"), moving, affine)
+    save(str(nifti / "fixed.nii.gz"), fixed, affine)
+    study = tmp_path / "study"
+    write_series(str(study / "b"), fixed, affine, 7, "follow-up", STUDY_UID, seed=1)
+    write_series(str(study / "a"), moving, affine, 3, "baseline", STUDY_UID, seed=2)
+    bundle = write_tiny_bundle(str(tmp_path / "bundle"))
+    write_random_weights(bundle)
+    return nifti, study, bundle, affine
+
+
+def _run_app(input_dir, out, bundle, monkeypatch, rules=None) -> int:
+    require("monai.deploy.core", REQUIRE_DEPLOY)
+    from monai_gradicon.app.deploy.app import main
+
+    monkeypatch.delenv("MONAI_GRADICON_IO_STEPS", raising=False)
+    if rules is None:
+        monkeypatch.delenv("MONAI_GRADICON_DICOM_RULES", raising=False)
+    else:
+        monkeypatch.setenv("MONAI_GRADICON_DICOM_RULES", rules)
+    return main(["python", "-i", str(input_dir), "-o", str(out), "-m", bundle])
+
+
+@pytest.mark.deploy_sdk
+def test_deploy_app_on_dicom_series_gives_the_displacement_of_the_nifti_pair(tmp_path, pair_inputs, monkeypatch):
+    """Same displacement (mm, both directions) and warped image, 1e-5, as the app on the NIfTI pair; fixed header."""
+    nifti, study, bundle, affine = pair_inputs
+    assert _run_app(nifti, tmp_path / "from_nifti", bundle, monkeypatch) == 0
+    assert _run_app(study, tmp_path / "from_dicom", bundle, monkeypatch) == 0
+    out, expected = tmp_path / "from_dicom", tmp_path / "from_nifti"
+    field = nib.load(out / "displacement_mm.nii.gz")
+    np.testing.assert_allclose(field.affine, affine, atol=1e-4)
+    assert np.linalg.norm(read_field(str(expected / "displacement_mm.nii.gz")), axis=0).mean() > 1.0  # it deforms
+    for name in ("displacement_mm.nii.gz", "inverse_displacement_mm.nii.gz"):
+        np.testing.assert_allclose(read_field(str(out / name)), read_field(str(expected / name)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(nib.load(out / "warped_moving.nii.gz").dataobj),
+                               np.asarray(nib.load(expected / "warped_moving.nii.gz").dataobj), atol=1e-5)
+    for name in ("moving", "fixed"):  # the volumes handed to register: the NIfTI pair's voxels and geometry
+        converted = nib.load(out / "dicom_as_nifti" / f"{name}.nii.gz")
+        np.testing.assert_array_equal(np.asarray(converted.dataobj), np.asarray(nib.load(nifti / f"{name}.nii.gz").dataobj))
+        np.testing.assert_allclose(converted.affine, affine, atol=1e-4)
+    with open(out / "dicom_as_nifti" / "series.json") as f:
+        series = json.load(f)
+    assert (series["moving"]["SeriesNumber"], series["fixed"]["SeriesNumber"]) == (3, 7)
+    with open(out / "report.json") as f:
+        report = json.load(f)
+    assert report["fixed"] == str(out / "dicom_as_nifti" / "fixed.nii.gz")
+    assert os.path.isfile(out / "transform.h5") and os.path.isfile(out / "inverse_transform.h5")
+
+
+@pytest.mark.deploy_sdk
+def test_deploy_app_selection_rules_pick_moving_and_fixed_among_three_series(tmp_path, pair_inputs, monkeypatch):
+    """Rules by SeriesDescription override the SeriesNumber order and leave a third series out."""
+    _, study, bundle, affine = pair_inputs
+    moving, fixed, _ = _pair_volumes()
+    write_series(str(study / "c"), moving[:, :, ::2], affine @ np.diag([1, 1, 2, 1]), 1, "scout", STUDY_UID)
+    rules = json.dumps({"selections": [{"name": "moving", "conditions": {"SeriesDescription": "(?i)^follow"}},
+                                       {"name": "fixed", "conditions": {"SeriesDescription": "(?i)^baseline"}}]})
+    assert _run_app(study, tmp_path / "out", bundle, monkeypatch, rules=rules) == 0
+    converted = tmp_path / "out" / "dicom_as_nifti"
+    np.testing.assert_array_equal(np.asarray(nib.load(converted / "moving.nii.gz").dataobj), fixed)
+    np.testing.assert_array_equal(np.asarray(nib.load(converted / "fixed.nii.gz").dataobj), moving)
+    assert os.path.isfile(tmp_path / "out" / "displacement_mm.nii.gz")
+
+
+def _dicomdir_only(folder):
+    """A folder whose one DICOM file is a media directory (DICOMDIR): DICOM, but no series."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    os.makedirs(folder)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.1.3.10", generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.StudyInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, STUDY_UID
+    ds.save_as(os.path.join(folder, "DICOMDIR"), enforce_file_format=True)
+
+
+@pytest.mark.deploy_sdk
+def test_deploy_app_bad_dicom_input_is_one_line_and_exit_code_2(tmp_path, pair_inputs, monkeypatch, capsys):
+    _, study, bundle, affine = pair_inputs
+    moving, fixed, _ = _pair_volumes()
+    lps = LPS_TO_RAS @ affine
+    cases = {}
+    _dicomdir_only(str(tmp_path / "no_series"))
+    cases["no_series"] = (None, "no DICOM series found in")
+    (tmp_path / "neither").mkdir()
+    (tmp_path / "neither" / "notes.txt").write_text("not an image")
+    cases["neither"] = (None, r"holds neither a NIfTI pair \(moving.nii.gz and fixed.nii.gz\) nor DICOM files")
+    three = tmp_path / "three"
+    for number, name in enumerate("abc"):
+        write_series(str(three / name), fixed, affine, number + 1, name, STUDY_UID)
+    rules = json.dumps({"selections": [{"name": "moving", "conditions": {"SeriesDescription": "^a$"}},
+                                       {"name": "fixed", "conditions": {"SeriesDescription": "^z$"}}]})
+    cases["three"] = (None, r"must hold two series \(moving, fixed\).* holds 3: series 1 'a'")
+    single = tmp_path / "single"
+    write_series(str(single / "a"), moving, affine, 1, "volume", STUDY_UID)
+    write_series(str(single / "b"), fixed[:, :, :1], affine, 2, "one slice", STUDY_UID)
+    cases["single"] = (None, r"the fixed DICOM series 2 'one slice' .* is not a volume: it has 1 slice\(s\)")
+    gap = tmp_path / "gap"
+    write_series(str(gap / "a"), moving[:, :, :5], affine, 1, "gap", STUDY_UID,
+                 positions=lps[:3, 3] + np.array([0, 1, 2, 4, 5])[:, None] * lps[:3, 2])
+    write_series(str(gap / "b"), fixed, affine, 2, "volume", STUDY_UID)
+    cases["gap"] = (None, "the moving DICOM series 1 'gap' .* slice positions are not evenly spaced")
+    cases["rules_match_none"] = (rules, r"the 'fixed' selection of MONAI_GRADICON_DICOM_RULES must match exactly one .* matched 0")
+    cases["rules_invalid"] = ('{"selections": [{"name": "moving"}]}', "one selection named 'moving' and one named 'fixed'")
+    for case, (case_rules, message) in cases.items():
+        folder = tmp_path / case if (tmp_path / case).is_dir() else three
+        capsys.readouterr()
+        assert _run_app(folder, tmp_path / f"out_{case}", bundle, monkeypatch, rules=case_rules) == 2, case
+        # the SDK logs to stderr too; the app's own report is one line, the last
+        err = capsys.readouterr().err.strip().splitlines()
+        ours = [line for line in err if line.startswith("monai-gradicon-deploy:")]
+        assert len(ours) == 1 and ours[0] == err[-1] and ours[0].startswith("monai-gradicon-deploy: error: "), (case, err[-3:])
+        assert re.search(message, ours[0]), (case, ours[0])
+        assert not os.path.exists(tmp_path / f"out_{case}" / "displacement_mm.nii.gz")
