@@ -135,6 +135,39 @@ def test_series_geometry_refuses_what_is_not_one_regular_volume(tmp_path):
         series_geometry(_datasets(str(tmp_path / "same")))
 
 
+def test_input_kind_and_selection_rules(tmp_path, monkeypatch):
+    """NIfTI pair first, else DICOM (a Part-10 file anywhere below), else a clear error; rules text or file, checked."""
+    from monai_gradicon.app import InputError
+    from monai_gradicon.app.deploy.pipeline import dicom_selection_rules, input_kind
+
+    (tmp_path / "dicom" / "sub").mkdir(parents=True)
+    (tmp_path / "dicom" / "sub" / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\2\0")
+    assert input_kind(str(tmp_path / "dicom")) == "dicom"
+    (tmp_path / "dicom" / "fixed.nii.gz").write_bytes(b"")
+    assert input_kind(str(tmp_path / "dicom")) == "nifti"  # then find_pair names what is missing
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "IM0001").write_bytes(b"\0" * 128 + b"DICX")
+    with pytest.raises(InputError, match="holds neither a NIfTI pair .* nor DICOM files .found .'IM0001'.."):
+        input_kind(str(tmp_path / "other"))
+    with pytest.raises(FileNotFoundError, match="input folder not found"):
+        input_kind(str(tmp_path / "absent"))
+    monkeypatch.delenv("MONAI_GRADICON_DICOM_RULES", raising=False)
+    assert dicom_selection_rules() == ""
+    rules = json.dumps({"selections": [{"name": "fixed", "conditions": {"SeriesNumber": 2}},
+                                       {"name": "moving", "conditions": {"SeriesNumber": 1}}]})
+    (tmp_path / "rules.json").write_text(rules)
+    for value in (rules, str(tmp_path / "rules.json")):
+        monkeypatch.setenv("MONAI_GRADICON_DICOM_RULES", value)
+        assert json.loads(dicom_selection_rules()) == json.loads(rules)
+    for value, message in ((str(tmp_path / "nope.json"), "must be JSON selection rules or a JSON file"),
+                           ("{not json", "not valid JSON"),
+                           ('{"selections": [{"name": "moving", "conditions": {"SeriesNumber": 1}}]}', r"named \['moving'\]"),
+                           ('{"selections": [{"name": "moving"}, {"name": "fixed"}]}', "each with conditions")):
+        monkeypatch.setenv("MONAI_GRADICON_DICOM_RULES", value)
+        with pytest.raises(InputError, match=message):
+            dicom_selection_rules()
+
+
 # --- the Deploy app on a DICOM study (marker deploy_sdk: the Deploy environment) -------------------------
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
