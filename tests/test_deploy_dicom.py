@@ -296,3 +296,22 @@ def test_deploy_app_bad_dicom_input_is_one_line_and_exit_code_2(tmp_path, pair_i
         assert len(ours) == 1 and ours[0] == err[-1] and ours[0].startswith("monai-gradicon-deploy: error: "), (case, err[-3:])
         assert re.search(message, ours[0]), (case, ours[0])
         assert not os.path.exists(tmp_path / f"out_{case}" / "displacement_mm.nii.gz")
+
+
+@pytest.mark.deploy_sdk
+def test_deploy_app_command_line_exits_2_on_a_folder_without_images(tmp_path):
+    """``python -m monai_gradicon.app.deploy`` as a process: exit code 2, the app's one-line error last on stderr."""
+    import subprocess
+    import sys
+
+    require("monai.deploy.core", REQUIRE_DEPLOY)
+    (tmp_path / "input").mkdir()
+    (tmp_path / "input" / "report.pdf").write_bytes(b"%PDF-1.4")
+    env = dict(os.environ, MONAI_GRADICON_DICOM_RULES="")
+    result = subprocess.run([sys.executable, "-m", "monai_gradicon.app.deploy", "-i", str(tmp_path / "input"),
+                             "-o", str(tmp_path / "out"), "-m", str(tmp_path)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("monai-gradicon-deploy: error: input folder ") and "holds neither a NIfTI pair" in last
+    assert "Traceback" not in result.stderr

@@ -31,6 +31,7 @@ not available in this project's CI; see README.md, "MONAI Deploy application").
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from pathlib import Path
@@ -101,15 +102,21 @@ def main(argv: list[str] | None = None) -> int:
     """
     from monai_gradicon.app.errors import USER_ERRORS, raised_inside
 
+    app = GradICONRegistrationApp(list(sys.argv if argv is None else argv))
     try:
-        GradICONRegistrationApp(list(sys.argv if argv is None else argv)).run()
+        app.run()
     except Exception as error:
         user_error = raised_inside(error, USER_ERRORS)
         if user_error is None:
             raise
-        print(f"monai-gradicon-deploy: error: {' '.join(str(user_error).split())}", file=sys.stderr)
-        return 2
-    return 0
+        message = " ".join(str(user_error).split())
+        del user_error  # its traceback holds the application
+    else:
+        return 0
+    del app  # the SDK logs the end of its graph when the application goes: before our line, not after it
+    gc.collect()
+    print(f"monai-gradicon-deploy: error: {message}", file=sys.stderr, flush=True)
+    return 2
 
 
 if __name__ == "__main__":
