@@ -64,7 +64,7 @@ class DICOMPairSelectionOperator(Operator):
     the selector had selections named ``moving`` and ``fixed``, all matches kept) each selection must match
     exactly one series; without, the folder must hold exactly two series, ordered by SeriesNumber (the
     lower is moving). Output ports ``moving`` and ``fixed`` (each a one-series ``StudySelectedSeries`` list,
-    what ``DICOMSeriesToVolumeOperator`` consumes) and ``geometry`` (role -> slice order, RAS affine and the
+    what ``DICOMSeriesToVolumeOperator`` consumes) and ``geometry`` (role -> RAS affine, slice count and the
     series' identity). Bad input raises :class:`monai_gradicon.app.InputError`.
     """
 
