@@ -24,12 +24,13 @@ setup(
         "h5py",
     ],
     # "test" is everything the test suite imports: ITK/SimpleITK read our transforms back, jsonschema runs
-    # MONAI's offline verify_metadata, nilearn ships the MNI152 volume of the real-image benchmark.
+    # MONAI's offline verify_metadata, nilearn ships the MNI152 volume of the real-image benchmark,
+    # pydicom writes the DICOM series whose geometry is checked against SimpleITK.
     # The authors' icon-registration / unigradicon (the parity oracles) install with --no-deps beside it
     # (their torchvision pin cannot be met beside the CPU torch build): see scripts/run_tests.sh.
     extras_require={
         "itk": ["itk>=5.3", "SimpleITK>=2.2"],
-        "test": ["pytest", "itk>=5.3", "SimpleITK>=2.2", "jsonschema>=4", "nilearn>=0.10"],
+        "test": ["pytest", "itk>=5.3", "SimpleITK>=2.2", "jsonschema>=4", "nilearn>=0.10", "pydicom>=2.4"],
     },
     entry_points={"console_scripts": ["monai-gradicon=monai_gradicon.app.cli:main"]},
 )

@@ -25,6 +25,6 @@ site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purel
 deploy_site=$(.venv-deploy/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 echo "import site; site.addsitedir('$site')" > "$deploy_site/main_venv.pth"
 .venv-deploy/bin/pip install -q --ignore-installed --no-deps "monai==1.6.1"
-.venv-deploy/bin/pip install -q "monai-deploy-app-sdk==4.0.0" "holoscan-cli==4.2.0" highdicom
+.venv-deploy/bin/pip install -q "monai-deploy-app-sdk==4.0.0" "holoscan-cli==4.2.0" highdicom pydicom
 MONAI_GRADICON_REQUIRE_DEPLOY=1 MONAI_GRADICON_REQUIRE_ITK=1 MONAI_GRADICON_FORBID_SKIPS=1 \
   .venv-deploy/bin/python -m pytest -q -p no:cacheprovider -m deploy_sdk tests
