@@ -23,6 +23,7 @@ the other pairs are written. Internal failures raise at once.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import time
@@ -303,7 +304,7 @@ def register_pairs(
         os.makedirs(out, exist_ok=True)
     except OSError as error:
         raise InputError(f"output folder {out!r} cannot be created ({error.strerror or error}).") from None
-    device = next(iter(model.network.parameters()), torch.empty(0)).device
+    device = next(itertools.chain(model.network.parameters(), model.network.buffers()), torch.empty(0)).device
     loader = DataLoader(
         PreparedPairDataset(entries, model), batch_size=1 if io_steps else batch_size, num_workers=num_workers,
         shuffle=False, collate_fn=collate_pair_items,
