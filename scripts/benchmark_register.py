@@ -11,6 +11,14 @@ RSS) on CPU with one torch thread:
   ``itk.transformwrite`` of Φ_AB and an ITK linear resampling of the moving image written to disk
   (what ``unigradicon-register`` does).
 
+The batch figure registers ``--batch-pairs`` pairs (default 4; the moving blob shifted differently in each):
+
+* ours: ``register_pairs`` (``monai-gradicon register-batch``) on their datalist, ``--batch-size`` pairs per
+  network call (default: all of them), the model loaded once;
+* reference: one ``itk_wrapper.register_pair`` call per pair, as above, the network built once;
+
+and prints ``register_batch_seconds_per_pair`` (wall time / pairs).
+
 Both networks hold the same random weights (a reference four-step GradICON network with perturbed
 weights, imported into ours with ``load_reference_weights``). Instance optimisation uses Adam lr 2e-5
 on the full GradICON objective in both (``--io-steps``; the reference's default is 50, which takes
@@ -19,6 +27,7 @@ a long time on CPU, so fewer steps can be asked for and the per-step time is rep
 Usage::
 
     python scripts/benchmark_register.py --io-steps 50
+    python scripts/benchmark_register.py --figures batch --batch-pairs 4 --batch-size 4   # the batch figure only
 
 Prints ``<figure>: ours=<value> reference=<value> ratio=<ours/reference>`` per figure, then a table.
 """
@@ -40,7 +49,8 @@ KNEE_SHAPE_ITK = (80, 192, 192)  # (k, j, i) as the reference's identity map
 SPACING = (0.36, 0.36, 0.7)  # along i, j, k in mm
 
 
-def _write_pair(folder: str) -> None:
+def _write_pair(folder: str, pairs: int = 1) -> None:
+    """``moving.nii.gz``/``fixed.nii.gz`` (+ ``moving_<k>.nii.gz`` for ``k < pairs``, ``pairs.json``) and ``weights.trch``."""
     import nibabel as nib
     import torch
 
@@ -49,10 +59,14 @@ def _write_pair(folder: str) -> None:
     shape = tuple(reversed(KNEE_SHAPE_ITK))  # nibabel (i, j, k)
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), -1)
     affine = np.diag([*SPACING, 1.0])
-    for name, shift in (("moving", 0.06), ("fixed", 0.0)):
+    shifts = [("moving", 0.06), ("fixed", 0.0)] + [(f"moving_{k}", 0.03 + 0.02 * k) for k in range(pairs)]
+    for name, shift in shifts:
         r = grid - np.array([shift, 0.0, 0.0])
         image = np.exp(-np.sum((r / [0.5, 0.35, 0.6]) ** 2, -1)) + 0.3 * np.sin(6 * r[..., 0]) * np.cos(5 * r[..., 1])
         nib.save(nib.Nifti1Image((200 * image).astype(np.float32), affine), os.path.join(folder, f"{name}.nii.gz"))
+    entries = [{"id": f"pair{k}", "moving": f"moving_{k}.nii.gz", "fixed": "fixed.nii.gz"} for k in range(pairs)]
+    with open(os.path.join(folder, "pairs.json"), "w", encoding="utf-8") as f:
+        json.dump({"testing": entries}, f)
     torch.manual_seed(0)
     reference = make_network()
     with torch.no_grad():
@@ -61,83 +75,134 @@ def _write_pair(folder: str) -> None:
     torch.save(reference.regis_net.state_dict(), os.path.join(folder, "weights.trch"))
 
 
-def _child(kind: str, folder: str, io_steps: int) -> dict:
+def _reference_network(folder: str):
+    """The reference's four-step network with the benchmark weights, on the knee grid, in eval mode."""
+    import torch
+
+    from icon_registration.pretrained_models.lung_ct import make_network
+
+    net = make_network()
+    weights = torch.load(os.path.join(folder, "weights.trch"), map_location="cpu", weights_only=True)
+    net.regis_net.load_state_dict(weights, strict=True)
+    net.assign_identity_map([1, 1, *KNEE_SHAPE_ITK])
+    net.eval()
+    return net
+
+
+def _reference_register(net, moving: str, fixed: str, out: str, io_steps: int) -> None:
+    """What ``unigradicon-register`` does: read, ``register_pair``, write both transforms and the warped image."""
+    import itk
+
+    from icon_registration import itk_wrapper
+
+    image_A = itk.imread(moving, itk.F)
+    image_B = itk.imread(fixed, itk.F)
+    os.makedirs(out, exist_ok=True)
+    phi_AB, phi_BA = itk_wrapper.register_pair(net, image_A, image_B, finetune_steps=io_steps or None)
+    itk.transformwrite([phi_AB], os.path.join(out, "transform.hdf5"))
+    itk.transformwrite([phi_BA], os.path.join(out, "inverse_transform.hdf5"))
+    interpolator = itk.LinearInterpolateImageFunction.New(image_A)
+    warped = itk.resample_image_filter(
+        image_A, transform=phi_AB, interpolator=interpolator, use_reference_image=True, reference_image=image_B
+    )
+    itk.imwrite(warped, os.path.join(out, "warped_moving.nii.gz"))
+
+
+def _child(kind: str, folder: str, io_steps: int, batch_size: int = 1) -> dict:
     import torch
 
     torch.set_num_threads(1)
     moving, fixed = os.path.join(folder, "moving.nii.gz"), os.path.join(folder, "fixed.nii.gz")
-    if kind == "ours":
-        from monai_gradicon.app import load_registration_model, register
+    if kind in ("ours", "ours_batch"):
+        from monai_gradicon.app import load_registration_model, register, register_pairs
 
         model = load_registration_model("knee", weights=os.path.join(folder, "weights.trch"), device="cpu")
         started = time.perf_counter()
-        register(moving, fixed, model, os.path.join(folder, f"ours_{io_steps}"), io_steps=io_steps, progress=False)
+        if kind == "ours":
+            register(moving, fixed, model, os.path.join(folder, f"ours_{io_steps}"), io_steps=io_steps, progress=False)
+        else:
+            register_pairs(model, os.path.join(folder, "pairs.json"), os.path.join(folder, "ours_batch"), batch_size=batch_size, progress=False)
         seconds = time.perf_counter() - started
     else:
-        import itk
-
-        from icon_registration import itk_wrapper
-        from icon_registration.pretrained_models.lung_ct import make_network
-
-        net = make_network()
-        weights = torch.load(os.path.join(folder, "weights.trch"), map_location="cpu", weights_only=True)
-        net.regis_net.load_state_dict(weights, strict=True)
-        net.assign_identity_map([1, 1, *KNEE_SHAPE_ITK])
-        net.eval()
+        net = _reference_network(folder)
         started = time.perf_counter()
-        image_A = itk.imread(moving, itk.F)
-        image_B = itk.imread(fixed, itk.F)
-        out = os.path.join(folder, f"reference_{io_steps}")
-        os.makedirs(out, exist_ok=True)
-        phi_AB, phi_BA = itk_wrapper.register_pair(net, image_A, image_B, finetune_steps=io_steps or None)
-        itk.transformwrite([phi_AB], os.path.join(out, "transform.hdf5"))
-        itk.transformwrite([phi_BA], os.path.join(out, "inverse_transform.hdf5"))
-        interpolator = itk.LinearInterpolateImageFunction.New(image_A)
-        warped = itk.resample_image_filter(
-            image_A, transform=phi_AB, interpolator=interpolator, use_reference_image=True, reference_image=image_B
-        )
-        itk.imwrite(warped, os.path.join(out, "warped_moving.nii.gz"))
+        if kind == "reference":
+            _reference_register(net, moving, fixed, os.path.join(folder, f"reference_{io_steps}"), io_steps)
+        else:
+            with open(os.path.join(folder, "pairs.json"), encoding="utf-8") as f:
+                entries = json.load(f)["testing"]
+            for entry in entries:
+                _reference_register(
+                    net, os.path.join(folder, entry["moving"]), os.path.join(folder, entry["fixed"]),
+                    os.path.join(folder, "reference_batch", entry["id"]), 0,
+                )
         seconds = time.perf_counter() - started
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return {"seconds": seconds, "peak_mb": peak_mb}
 
 
+def _measure(kind: str, folder: str, steps: int, batch_size: int = 1) -> dict:
+    """One measurement in its own process (one torch thread)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    command = [sys.executable, __file__, "--child", kind, "--folder", folder, "--io-steps", str(steps), "--batch-size", str(batch_size)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{kind} with {steps} IO steps failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--io-steps", type=int, default=50, help="instance-optimisation steps for the second figure")
-    parser.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--figures", default="single,batch", help="comma-separated: single (one register), batch (register-batch)")
+    parser.add_argument("--batch-pairs", type=int, default=4, help="pairs of the batch figure")
+    parser.add_argument("--batch-size", type=int, default=0, help="pairs per network call in the batch figure (0: all)")
+    parser.add_argument("--child", choices=["ours", "reference", "ours_batch", "reference_batch"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(_child(args.child, args.folder, args.io_steps)))
+        print(json.dumps(_child(args.child, args.folder, args.io_steps, args.batch_size)))
         return
+    figures = set(args.figures.split(","))
+    if not figures or not figures <= {"single", "batch"}:
+        parser.error(f"--figures takes single and/or batch, got {args.figures!r}")
+    batch_size = args.batch_size or args.batch_pairs
+    step_counts = sorted({0, args.io_steps}) if "single" in figures else []
     results: dict[tuple[str, int], dict] = {}
     with tempfile.TemporaryDirectory() as folder:
-        _write_pair(folder)
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-        for steps in (0, args.io_steps):
+        _write_pair(folder, args.batch_pairs)
+        for steps in step_counts:
             for kind in ("ours", "reference"):
-                command = [sys.executable, __file__, "--child", kind, "--folder", folder, "--io-steps", str(steps)]
-                done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-                if done.returncode != 0:
-                    raise RuntimeError(f"{kind} with {steps} IO steps failed:\n{done.stderr[-3000:]}")
-                results[(kind, steps)] = json.loads(done.stdout.strip().splitlines()[-1])
+                results[(kind, steps)] = _measure(kind, folder, steps)
+        if "batch" in figures:
+            for kind in ("ours_batch", "reference_batch"):
+                results[(kind, 0)] = _measure(kind, folder, 0, batch_size)
     rows = []
-    for steps in (0, args.io_steps):
+    for steps in step_counts:
         label = "no_io" if steps == 0 else f"io{steps}"
         for measure, unit in (("seconds", "s"), ("peak_mb", "MB")):
             ours, reference = results[("ours", steps)][measure], results[("reference", steps)][measure]
             figure = f"register_{label}_{'wall_time_s' if measure == 'seconds' else 'peak_memory_mb'}"
             print(f"{figure}: ours={ours:.2f} reference={reference:.2f} ratio={ours / reference:.3f}")
             rows.append((figure, ours, reference, unit))
-    if args.io_steps:
+    if args.io_steps and "single" in figures:
         per_step = [
             (results[(k, args.io_steps)]["seconds"] - results[(k, 0)]["seconds"]) / args.io_steps for k in ("ours", "reference")
         ]
         print(f"register_io_seconds_per_step: ours={per_step[0]:.2f} reference={per_step[1]:.2f} ratio={per_step[0] / per_step[1]:.3f}")
         rows.append(("register_io_seconds_per_step", *per_step, "s"))
+    if "batch" in figures:
+        ours, reference = (results[(k, 0)]["seconds"] / args.batch_pairs for k in ("ours_batch", "reference_batch"))
+        print(f"register_batch_seconds_per_pair: ours={ours:.2f} reference={reference:.2f} ratio={ours / reference:.3f}")
+        rows.append(("register_batch_seconds_per_pair", ours, reference, "s"))
+        memory = [results[(k, 0)]["peak_mb"] for k in ("ours_batch", "reference_batch")]
+        print(f"register_batch_peak_memory_mb: ours={memory[0]:.2f} reference={memory[1]:.2f} ratio={memory[0] / memory[1]:.3f}")
+        rows.append(("register_batch_peak_memory_mb", *memory, "MB"))
     print()
-    print(f"CPU, 1 torch thread, knee shape {KNEE_SHAPE_ITK}, same weights; IO steps = {args.io_steps}")
+    print(
+        f"CPU, 1 torch thread, knee shape {KNEE_SHAPE_ITK}, same weights; IO steps = {args.io_steps}; "
+        f"batch: {args.batch_pairs} pairs, {batch_size} per network call"
+    )
     print(f"{'figure':40s} {'ours':>10s} {'reference':>10s} {'ratio':>7s}")
     for figure, ours, reference, unit in rows:
         print(f"{figure:40s} {ours:9.2f}{unit:1s} {reference:9.2f}{unit:1s} {ours / reference:7.3f}")

@@ -572,7 +572,7 @@ def test_register_pairs_writes_one_folder_per_pair_named_by_id_or_index(grid_pai
     ]}))
     model = load_registration_model(smooth_bundle, device="cpu")
     reports = register_pairs(model, str(datalist), str(tmp_path / "out"), section="testing", progress=False)
-    assert len(reports) == 2 and sorted(os.listdir(tmp_path / "out")) == ["1", "first", "registrations.json"]
+    assert len(reports) == 2 and sorted(os.listdir(tmp_path / "out")) == ["1", "first", "registrations.json", "summary.csv"]
     assert reports[0]["moving"] == moving and reports[1]["moving"] == fixed
     assert os.path.isfile(tmp_path / "out" / "first" / "warped_moving_labels.nii.gz")
     assert not os.path.exists(tmp_path / "out" / "1" / "warped_moving_labels.nii.gz")

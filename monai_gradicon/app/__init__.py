@@ -7,7 +7,7 @@ none of which imports from here.
 from .errors import USER_ERRORS, InputError, MissingWeightsError
 from .model import BUNDLE_ALIASES, RegistrationModel, bundle_directory, convert_reference_weights, load_registration_model
 from .register import OUTPUT_FILES, PreparedPair, RegistrationOutputs, physical_transform, prepare_pair, register, write_registration
-from .pairs import register_pairs
+from .pairs import FailedPairsError, register_pairs
 from .evaluate import evaluate_pairs, evaluate_registration
 from .transform_files import jacobian_map, warp_image
 
@@ -28,6 +28,7 @@ __all__ = [
     "write_registration",
     "PreparedPair",
     "register_pairs",
+    "FailedPairsError",
     "evaluate_pairs",
     "evaluate_registration",
     "warp_image",

@@ -1,10 +1,11 @@
-"""The ``monai-gradicon`` command (python-fire): ``register``, ``evaluate``, ``convert-weights``, ``warp``, ``jacobian``.
+"""The ``monai-gradicon`` command (python-fire): ``register``, ``register-batch``, ``evaluate``, ``convert-weights``, ``warp``, ``jacobian``.
 
 Examples::
 
     monai-gradicon register --moving M.nii.gz --fixed F.nii.gz --bundle lung --out result \\
         --moving-mask Mmask.nii.gz --fixed-mask Fmask.nii.gz --io-steps 50 --overview
     monai-gradicon register --moving t1_a.nii.gz --fixed t1_b.nii.gz --bundle unigradicon --modality mri --out result
+    monai-gradicon register-batch --pairs datalist.json --out registrations --bundle knee --batch-size 4 --num-workers 2
     monai-gradicon evaluate --pairs datalist.json --out evaluation --bundle knee
     monai-gradicon convert-weights --source lung_model_weights_step_2.trch --out lung.pt --bundle lung
     monai-gradicon warp --moving labels.nii.gz --fixed F.nii.gz --transform result/transform.h5 --out warped_labels.nii.gz --nearest
@@ -110,6 +111,63 @@ class Commands:
             pairs, out, bundle=bundle, weights=weights, io_steps=io_steps, device=device, progress=not quiet, section=section
         )
         print(json.dumps(result["summary"], indent=2))
+
+    def register_batch(
+        self,
+        pairs: str,
+        out: str = "registrations",
+        bundle: str = "knee",
+        weights: str | None = None,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        io_steps: int = 0,
+        io_lr: float = 2e-5,
+        device: str | None = None,
+        section: str = "testing",
+        seed: int = 0,
+        modality: str | None = None,
+        overview: bool = False,
+        allow_untrained: bool = False,
+        quiet: bool = False,
+    ) -> None:
+        """Register every pair of a datalist with one model, BATCH_SIZE pairs per network call; print a summary table.
+
+        Writes OUT/<id>/ per pair (what `register` writes), OUT/summary.csv and OUT/registrations.json. A pair
+        with bad input is reported in the summary, the others are written, and the command exits with code 2
+        naming the failed pairs.
+
+        Args:
+            pairs: pair datalist (JSON, the bundles' datalist format: moving, fixed, optional moving_label,
+                moving_mask, fixed_mask, id).
+            out: output folder.
+            bundle: knee | lung | brain | unigradicon | multigradicon | path to a bundle directory.
+            weights: weights file (bundle model.pt or the authors' .trch) overriding the bundle's.
+            batch_size: pairs per network call (more pairs: more memory; instance optimisation runs pair by pair).
+            num_workers: processes reading and preprocessing pairs while the network runs (0: none).
+            io_steps: instance-optimisation steps per pair (0 = none).
+            io_lr: instance-optimisation learning rate.
+            device: cpu | cuda (default: cuda when available).
+            section: the datalist section to register.
+            seed: seed of the GradICON perturbation during instance optimisation.
+            modality: ct | mri, the intensity window of uniGradICON/multiGradICON.
+            overview: also write overview.png per pair.
+            allow_untrained: run a bundle whose weights file is missing (the result is not a registration).
+            quiet: no progress bar.
+        """
+        from .model import load_registration_model
+        from .pairs import FailedPairsError, read_summary, register_pairs, summary_table
+
+        model = load_registration_model(bundle, weights, device, allow_untrained=allow_untrained, overrides=_modality(bundle, modality))
+        try:
+            register_pairs(
+                model, pairs, out, section=section, io_steps=io_steps, progress=not quiet, batch_size=batch_size,
+                num_workers=num_workers, io_learning_rate=io_lr, seed=seed, overview=overview,
+            )
+        except FailedPairsError as error:
+            print(summary_table(error.rows))
+            raise
+        print(summary_table(read_summary(out)))
+        print(f"outputs in {out} (summary.csv, registrations.json, one folder per pair)")
 
     def convert_weights(self, source: str, out: str, bundle: str = "knee") -> None:
         """Convert the authors' released weights (knee/lung GradICON, uniGradICON .trch) into a bundle's model.pt.
