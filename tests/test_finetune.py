@@ -152,6 +152,12 @@ def test_finetune_starts_from_the_released_weights_and_resumes(data, tmp_path):
     assert len(params) > 10 and set(start) == set(released)
     for key, value in params.items():
         torch.testing.assert_close(start[key], value, rtol=0, atol=0, msg=key)
+    # and, without our key translation, the same tensors as the authors' file holds
+    buffers = ("running_mean", "running_var", "num_batches_tracked", "identity_map")
+    theirs = [v for k, v in torch.load(data["weights"], weights_only=True).items() if not k.endswith(buffers)]
+    assert sorted((tuple(v.shape), float(v.double().sum())) for v in theirs) == sorted(
+        (tuple(start[k].shape), float(start[k].double().sum())) for k in params
+    )
 
     tuned_dir = tmp_path / "tuned"
     tuned_dir.mkdir()
