@@ -135,6 +135,31 @@ def test_the_bundle_mask_policy_applies_to_training_pairs(data, tmp_path, bundle
     assert ("entry 1" if with_masks else "entry 0") in _chain(raised.value)
 
 
+@pytest.mark.parametrize("bundle", ["gradicon_knee_mri", "gradicon_lung_ct", "gradicon_brain_mri", "unigradicon", "multigradicon"])
+def test_every_released_bundle_builds_its_finetuning_trainer(data, tmp_path, bundle):
+    """The composition each bundle documents builds a trainer whose network is the bundle's, loaded from the file, and its objective."""
+    from monai.bundle import ConfigParser
+
+    from monai_gradicon.losses import GradICONLoss, LNCCLoss
+
+    entries = [{"moving": e["moving"], "fixed": e["fixed"]} for e in data["entries"]]
+    if bundle == "gradicon_lung_ct":
+        entries = [{**e, "moving_mask": e["moving"], "fixed_mask": e["fixed"]} for e in entries]
+    (tmp_path / "pairs.json").write_text(json.dumps({"training": entries}))
+    parser = ConfigParser()
+    parser.read_config(finetune_configs(bundle))
+    parser.update({"bundle_root": os.path.join(BUNDLES, bundle), "weights_file": data["weights"],
+                   "datalist_file": str(tmp_path / "pairs.json"), "device": "$torch.device('cpu')", **SMALL})
+    trainer = parser.get_parsed_content("train#trainer")
+    model = parser.get_parsed_content("registration_model")
+    assert trainer.network.network is model.network and model.weights == os.path.abspath(data["weights"])
+    assert trainer.optimizer.param_groups[0]["lr"] == 2e-5 and trainer.state.max_epochs == 10
+    objective = trainer.loss_function.objective
+    assert isinstance(objective.similarity, LNCCLoss) and isinstance(objective.regularizer, GradICONLoss)
+    assert objective.lmbda == 1.5 and objective.regularizer.sparse and objective.similarity.sigma == 5
+    assert len(trainer.data_loader.dataset) == 2
+
+
 def test_finetune_starts_from_the_released_weights_and_resumes(data, tmp_path):
     """(a) lr 0: the parameters after one epoch are the released file's; (c) default lr: model.pt loads in
     register's model and differs from the start; (d) --resume continues the iteration count."""
