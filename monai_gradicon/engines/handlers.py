@@ -105,8 +105,9 @@ class EpochSummaryHandler:
     far. A run's first epoch is announced once (``Training epochs s..E from iteration i``, which shows where a
     resumed run continues). With ``quiet_engines`` the trainer's and the validator's own loggers (ignite's
     "Epoch[n] Complete", "Engine run resuming", the checkpoint savers' "Saved checkpoint") only pass
-    warnings, so that with a progress bar the log reads one line per epoch. Under ``torch.distributed``
-    only rank 0 writes; the engines are quieted on every rank.
+    warnings, so that with a progress bar the log reads one line per epoch. Those loggers are ignite's
+    per-class ones (``ignite.engine.engine.SupervisedTrainer``...), so every engine of that class in the
+    process is quieted. Under ``torch.distributed`` only rank 0 writes; the engines are quieted on every rank.
 
     Args:
         validator: the evaluator run by the trainer's ``ValidationHandler``, or ``None``.
