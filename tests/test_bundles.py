@@ -62,14 +62,15 @@ def demo_run(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("demo"))
     common = ["--iterations_per_epoch", str(DEMO_ITERATIONS_PER_EPOCH), "--batch_size", "4", "--val_pairs", "8", "--num_threads", "1"]
     train = configs("gradicon_demo_2d", "train.json")
-    logs = {"train": ok(bundle_cmd(tmp, "gradicon_demo_2d", train, "--epochs", "2", *common))}
+    first = bundle_cmd(tmp, "gradicon_demo_2d", train, "--epochs", "2", *common)
+    logs = {"train": ok(first)}
     ckpt2 = torch.load(os.path.join(tmp, "models", "training_checkpoint_epoch=2.pt"), weights_only=True)
     logs["resume"] = ok(bundle_cmd(tmp, "gradicon_demo_2d", train, "--epochs", "3", "--resume", "True", *common))
     logs["evaluate"] = ok(
         bundle_cmd(tmp, "gradicon_demo_2d", configs("gradicon_demo_2d", "train.json", "evaluate.json"), *common)
     )
     logs["inference"] = ok(bundle_cmd(tmp, "gradicon_demo_2d", configs("gradicon_demo_2d", "inference.json"), "--num_pairs", "2"))
-    return {"dir": tmp, "logs": logs, "ckpt2": ckpt2}
+    return {"dir": tmp, "logs": logs, "ckpt2": ckpt2, "train_stdout": first.stdout}
 
 
 def test_demo_train_writes_checkpoints_and_picture(demo_run):
@@ -94,6 +95,35 @@ def test_demo_resume_continues_at_epoch_3_with_saved_optimizer(demo_run):
     n = DEMO_ITERATIONS_PER_EPOCH
     assert step2 == 2 * n and ckpt3_step == 3 * n  # Adam's step counter went on from the saved state
     assert ckpt3["trainer"]["iteration"] == 3 * n  # the trainer state went on from iteration 2n too
+
+
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ - (?:\S+ - )?INFO - (.*)$")
+
+
+def run_log_lines(stdout: str) -> list[str]:
+    """The INFO lines a run logs (logging.conf: stdout) after monai.bundle's input summary; progress bars are on stderr."""
+    messages = [m.group(1) for m in map(LOG_LINE.match, stdout.splitlines()) if m]
+    return messages[messages.index("---") + 1 :]
+
+
+def test_demo_training_logs_one_line_per_epoch_unless_asked(demo_run, tmp_path):
+    """Default: a start line and one summary line per epoch (losses, validation); --log_every_iteration True: a line per iteration too."""
+    quiet = run_log_lines(demo_run["train_stdout"])
+    assert quiet[0] == "Training epochs 1..2 from iteration 0." and len(quiet) == 3, quiet
+    for epoch, line in enumerate(quiet[1:], start=1):
+        assert line.startswith(f"Epoch: {epoch}/2 -- "), line
+        for name in ("train_loss", "train_similarity", "train_regularizer", "train_folds", "val_mse", "val_dice", "val_folds_percent"):
+            assert re.search(rf"\b{name}: [0-9.]+", line), (name, line)
+    assert re.search(r"\(best val_mse: [0-9.]+ at epoch [12]\)$", quiet[2])
+    proc = bundle_cmd(
+        str(tmp_path), "gradicon_demo_2d", configs("gradicon_demo_2d", "train.json"), "--epochs", "1", "--iterations_per_epoch", "3",
+        "--batch_size", "2", "--val_pairs", "2", "--num_threads", "1", "--log_every_iteration", "True",
+    )
+    ok(proc)
+    verbose = run_log_lines(proc.stdout)
+    assert [line.split(" -- ")[0] for line in verbose if ", Iter: " in line] == [f"Epoch: 1/1, Iter: {i}/3" for i in (1, 2, 3)]
+    assert sum(line.startswith("Epoch: 1/1 -- ") for line in verbose) == 1
+    assert any("Engine run finished" in line for line in verbose)  # ignite's own messages come back with the flag
 
 
 def test_demo_training_aligns_pairs_without_folds(demo_run):
@@ -444,7 +474,7 @@ def test_multi_gpu_train_two_processes_gloo(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
     out = ok(proc)
-    # both ranks ran the trainer to the end; rank 0 alone saved
-    assert out.count("SupervisedTrainer - INFO - Engine run finished") == 2, out[-3000:]
+    # both ranks ran the trainer to the end (torchrun exits 0 only then), quietly; rank 0 alone logged and saved
+    assert out.count("Epoch: 1/1 -- ") == 1 and "Engine run finished" not in out, out[-3000:]
     assert os.path.isfile(tmp_path / "models" / "training_checkpoint_epoch=1.pt")
     assert os.path.isfile(tmp_path / "models" / "model.pt")

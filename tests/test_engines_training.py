@@ -204,13 +204,16 @@ def test_supervised_trainer_with_gradient_accumulation_and_terms_handler():
         loss_function=loss, decollate=False, accumulation_steps=2,
         train_handlers=[GradICONTermsHandler(loss)],
     )
-    snapshots = []
+    snapshots, losses = [], []
     trainer.add_event_handler(
         Events.ITERATION_COMPLETED, lambda e: snapshots.append([p.detach().clone() for p in net.parameters()])
     )
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss"])))
     before = [p.detach().clone() for p in net.parameters()]
     trainer.run()
     assert all(torch.equal(a, b) for a, b in zip(before, snapshots[0]))  # no step after iteration 1
     assert any(not torch.equal(a, b) for a, b in zip(before, snapshots[1]))  # one step after iteration 2
     assert {"similarity", "regularizer", "folds"} <= set(trainer.state.output)
     assert "train_similarity" in trainer.state.metrics
+    # the epoch mean of the trainer's loss, which the one-line epoch summary prints
+    assert len(losses) == 2 and trainer.state.metrics["train_loss"] == pytest.approx(sum(losses) / 2, rel=1e-6)

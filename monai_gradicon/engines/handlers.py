@@ -6,6 +6,8 @@
   means into ``engine.state.metrics``, where MONAI's ``StatsHandler`` / ``TensorBoardStatsHandler``
   (and MLflow) log them without any glue. :func:`training_log_values` is the matching
   ``output_transform``.
+* :class:`EpochSummaryHandler` writes the one line per epoch of a quiet training log (the epoch means of
+  the losses and the validation metrics) and keeps the engines' own per-epoch chatter below INFO.
 * :class:`RegistrationImageHandler` renders warped moving, fixed, checkerboard and deformed grid
   (:func:`monai_gradicon.visualize.overview_image`) and writes it to TensorBoard when ``tensorboard`` is
   installed, and/or as a PNG file.
@@ -13,6 +15,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -25,7 +28,7 @@ from .two_direction import GradICONTrainingLoss
 
 Events, _ = optional_import("ignite.engine", name="Events")
 
-__all__ = ["GradICONTermsHandler", "RegistrationImageHandler", "training_log_values"]
+__all__ = ["EpochSummaryHandler", "GradICONTermsHandler", "RegistrationImageHandler", "training_log_values"]
 
 
 def training_log_values(output: Any) -> dict[str, float]:
@@ -49,6 +52,9 @@ def training_log_values(output: Any) -> dict[str, float]:
 
 class GradICONTermsHandler:
     """Expose the components of :class:`~monai_gradicon.engines.GradICONTrainingLoss` to MONAI logging.
+
+    Each iteration's values go into ``engine.state.output``; their epoch means, and that of the trainer's
+    ``loss``, into ``engine.state.metrics`` as ``<metric_prefix><name>`` (``train_loss``, ``train_similarity``...).
 
     Args:
         loss_function: the trainer's loss.
@@ -80,6 +86,8 @@ class GradICONTermsHandler:
         values = self.loss_function.log_values()
         if isinstance(engine.state.output, dict):
             engine.state.output.update(values)
+            if "loss" in engine.state.output:
+                values = {"loss": float(torch.as_tensor(engine.state.output["loss"]).detach().mean()), **values}
         for k, v in values.items():
             self._sums[k] = self._sums.get(k, 0.0) + v
         self._count += 1
@@ -87,6 +95,72 @@ class GradICONTermsHandler:
     def _epoch(self, engine: Any) -> None:
         for k, v in self._sums.items():
             engine.state.metrics[f"{self.metric_prefix}{k}"] = v / max(self._count, 1)
+
+
+class EpochSummaryHandler:
+    """One log line per training epoch: ``Epoch: e/E -- train_loss: ... train_similarity: ... | val_mse: ...``.
+
+    The line holds every scalar of the trainer's ``engine.state.metrics`` (the epoch means of
+    :class:`GradICONTermsHandler`) and, when a validator is given, its metrics and the best key metric so
+    far. A run's first epoch is announced once (``Training epochs s..E from iteration i``, which shows where a
+    resumed run continues). With ``quiet_engines`` the trainer's and the validator's own loggers (ignite's
+    "Epoch[n] Complete", "Engine run resuming", the checkpoint savers' "Saved checkpoint") only pass
+    warnings, so that with a progress bar the log reads one line per epoch. Those loggers are ignite's
+    per-class ones (``ignite.engine.engine.SupervisedTrainer``...), so every engine of that class in the
+    process is quieted. Under ``torch.distributed`` only rank 0 writes; the engines are quieted on every rank.
+
+    Args:
+        validator: the evaluator run by the trainer's ``ValidationHandler``, or ``None``.
+        quiet_engines: keep the engines' INFO messages out of the log (``False``: ignite's messages as usual).
+        name: the logger to write to.
+    """
+
+    def __init__(self, validator: Any = None, quiet_engines: bool = True, name: str = "monai_gradicon.training") -> None:
+        self.validator = validator
+        self.quiet_engines = bool(quiet_engines)
+        self.logger = logging.getLogger(name)
+        self._announced = False
+
+    def attach(self, engine: Any) -> None:
+        """Register on ``engine`` (first epoch start: the announcement; each epoch end: the summary line).
+
+        Args:
+            engine: the trainer (an ignite engine, e.g. MONAI ``SupervisedTrainer``).
+        """
+        if self.quiet_engines:
+            for quieted in (engine, self.validator):
+                if quieted is not None and hasattr(quieted, "logger"):
+                    quieted.logger.setLevel(logging.WARNING)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._announce)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    @staticmethod
+    def _writes() -> bool:
+        return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+    def _announce(self, engine: Any) -> None:
+        if self._announced:
+            return
+        self._announced = True
+        state = engine.state
+        if self._writes():
+            self.logger.info(f"Training epochs {state.epoch}..{state.max_epochs} from iteration {state.iteration}.")
+
+    @staticmethod
+    def _scalars(metrics: dict) -> str:
+        return " ".join(f"{k}: {float(v):.4f}" for k, v in sorted(metrics.items()) if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1))
+
+    def __call__(self, engine: Any) -> None:
+        if not self._writes():
+            return
+        line = f"Epoch: {engine.state.epoch}/{engine.state.max_epochs} -- {self._scalars(engine.state.metrics)}"
+        state = getattr(self.validator, "state", None)
+        if state is not None and state.metrics:
+            line += f" | {self._scalars(state.metrics)}"
+            best = getattr(state, "best_metric", None)
+            if getattr(state, "key_metric_name", None) and best is not None:
+                line += f" (best {state.key_metric_name}: {float(best):.4f} at epoch {state.best_metric_epoch})"
+        self.logger.info(line.rstrip(" -"))
 
 
 class RegistrationImageHandler:

@@ -25,6 +25,9 @@ PAIR_KEYS = (
     "id", "registration", "landmark_spacing",
 )
 
+#: keys whose string values are text, not file names (``modality``: in fine-tuning datalists of bundles with several).
+TEXT_KEYS = ("id", "modality")
+
 
 def load_pair_datalist(
     datalist_file: str,
@@ -85,7 +88,7 @@ def load_pair_datalist(
                 )
         resolved = {}
         for key, value in entry.items():
-            if isinstance(value, str) and key != "id":
+            if isinstance(value, str) and key not in TEXT_KEYS:
                 full = value if os.path.isabs(value) else os.path.join(root, value)
                 if check_files and not os.path.exists(full):
                     raise FileNotFoundError(
