@@ -117,7 +117,10 @@ CASES = {
     "unigradicon-mri": ("unigradicon", "uni", "mr", {"modality": "mri"}, False),
     "multigradicon-ct": ("multigradicon", "uni", "ct", {"modality": "ct"}, False),
     "multigradicon-mri": ("multigradicon", "uni", "mr", {"modality": "mri"}, False),
+    # a multimodal pair: MR moving, CT fixed, each scan its own modality (register's moving_/fixed_modality)
+    "multigradicon-mr-ct": ("multigradicon", "uni", ("mr", "ct"), {"moving_modality": "mri", "fixed_modality": "ct"}, False),
 }
+SCAN_MODALITY_KEYS = ("moving_modality", "fixed_modality")  # register keywords, not bundle settings
 SEEDS = {"knee": 11, "lung": 12, "brain": 13, "unigradicon": 14, "multigradicon": 15}
 MEASURED: dict = {}  # case -> measured values, printed at the end with -s (the table in the module docstring)
 
@@ -241,7 +244,7 @@ def _knee_window(image):
     return out
 
 
-def _authors_preprocess(case: str, image, mask):
+def _authors_preprocess(case: str, image, mask, role: str = "moving"):
     bundle, factory, _, overrides, _ = CASES[case]
     if bundle == "knee":
         return _knee_window(image)
@@ -251,7 +254,7 @@ def _authors_preprocess(case: str, image, mask):
         return brain_network_preprocess(image)
     if mask is not None:  # unigradicon-register casts masks to short
         mask = itk.CastImageFilter[type(mask), itk.Image[itk.SS, 3]].New()(mask)
-    return unigradicon.preprocess(image, overrides["modality"], mask)
+    return unigradicon.preprocess(image, overrides.get(f"{role}_modality", overrides.get("modality")), mask)
 
 
 
@@ -276,7 +279,10 @@ def _run(pairs, case: str) -> dict:
     bundle, factory, kind, overrides, masks = CASES[case]
     root, files = pairs["root"], pairs["files"]
     net, weights = _reference(bundle, factory, root)
-    moving, fixed = files[(kind, "moving")], files[(kind, "fixed")]
+    moving_kind, fixed_kind = kind if isinstance(kind, tuple) else (kind, kind)
+    moving, fixed = files[(moving_kind, "moving")], files[(fixed_kind, "fixed")]
+    scan_modalities = {k: v for k, v in overrides.items() if k in SCAN_MODALITY_KEYS}
+    overrides = {k: v for k, v in overrides.items() if k not in SCAN_MODALITY_KEYS}
     mask_paths = (files[("mask", "moving")], files[("mask", "fixed")]) if masks else (None, None)
 
     image_A, image_B = itk.imread(moving), itk.imread(fixed)  # as the authors' CLI / evaluation read them
@@ -285,14 +291,14 @@ def _run(pairs, case: str) -> dict:
     icon_config.device = torch.device("cpu")
     try:
         phi_AB, phi_BA = itk_wrapper.register_pair(
-            net, _authors_preprocess(case, image_A, mask_A), _authors_preprocess(case, image_B, mask_B)
+            net, _authors_preprocess(case, image_A, mask_A, "moving"), _authors_preprocess(case, image_B, mask_B, "fixed")
         )
     finally:
         icon_config.device = device
     ours = register(
         moving, fixed, bundle, root / f"out_{case}",
         moving_mask=mask_paths[0], fixed_mask=mask_paths[1], weights=weights,
-        overrides={"image_shape": list(NETWORK_SHAPE), **overrides}, device="cpu", progress=False,
+        overrides={"image_shape": list(NETWORK_SHAPE), **overrides}, device="cpu", progress=False, **scan_modalities,
     )
     transform = itk.transformread(ours.files["transform"])[0]
     inverse = itk.transformread(ours.files["inverse_transform"])[0]
@@ -354,6 +360,11 @@ def test_report_states_the_bundle_grid_convention_and_masks(pairs, case):
     assert not report["axis_codes"]["moving_reoriented"]
     assert report["masks"]["moving"] is masks and report["masks"]["fixed"] is masks
     assert report["weights"].endswith(f"{bundle}_random_weights.trch")
+    overrides = CASES[case][3]
+    expected = {
+        role: overrides.get(f"{role}_modality", overrides.get("modality")) for role in ("moving", "fixed")
+    } if bundle in ("unigradicon", "multigradicon") else {"moving": None, "fixed": None}
+    assert report["modalities"] == expected  # each scan's preprocessing, as the report states it
     assert report["forward"]["folds"] >= 0 and report["max_displacement_mm"] > NETWORK_PART_MIN_MM
 
 
