@@ -8,8 +8,9 @@
   the mean of ``cc`` is taken only inside the target's mask (``_masked_mean``).
 
 Tolerances: float32 relative 2e-5 on values and on the gradient (relative to its largest entry);
-measured ≤ 1.5e-7. float64 1e-9 unmasked (measured 3e-16); masked float64 2e-7 because the reference
-sums the masked values in float32 (measured 4e-10 on the value, 8e-9 on the gradient).
+measured ≤ 1.2e-7. float64 1e-9 unmasked (measured 2.7e-16); masked float64 1e-6 because the reference
+sums the masked values in float32, in an order that depends on the CPU's kernels (measured ≤ 6.2e-8 on
+the value, 1.4e-8 on the gradient).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from monai_gradicon.losses.masking import masked_mean  # noqa: E402
 from monai_gradicon.losses.mind import mind_ssc  # noqa: E402
 
 SHAPE = (1, 1, 14, 15, 16)
-TOL = {torch.float32: (2e-5, 2e-5), torch.float64: (1e-9, 2e-7)}  # (unmasked, masked) relative
+TOL = {torch.float32: (2e-5, 2e-5), torch.float64: (1e-9, 1e-6)}  # (unmasked, masked) relative
 
 
 def _smooth(seed: int, dtype: torch.dtype, shape=SHAPE) -> torch.Tensor:
@@ -38,6 +39,14 @@ def _smooth(seed: int, dtype: torch.dtype, shape=SHAPE) -> torch.Tensor:
     for _ in range(3):
         x = F.avg_pool3d(x, 3, stride=1, padding=1, count_include_pad=False)
     return (x * 4.0 + 0.5).to(dtype)
+
+
+def _with_flat_block(image: torch.Tensor) -> torch.Tensor:
+    """``image`` with a nearly flat block (contrast 1e-3): there the MIND variance is ~1e-6 of its mean and its
+    lower bound (10⁻³ × the mean) acts."""
+    out = image.clone()
+    out[..., :5, :, :] = float(image.mean()) + 1e-3 * (image[..., :5, :, :] - float(image.mean()))
+    return out
 
 
 def _reference_call(dtype, fn, *args):
@@ -71,7 +80,7 @@ def _mask(image: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_mind_ssc_descriptor_equals_reference(dtype):
-    image = _smooth(0, dtype)
+    image = _with_flat_block(_smooth(0, dtype))
     theirs = _reference_call(dtype, reference.MINDSSC(2, 2).compute_mindssc, image)
     ours = mind_ssc(image, 2, 2)
     assert ours.shape == (1, 12, *SHAPE[2:]) and ours.dtype == dtype
@@ -82,7 +91,7 @@ def test_mind_ssc_descriptor_equals_reference(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("masked", [False, True])
 def test_mind_ssc_loss_value_and_gradient_equal_reference(dtype, masked):
-    a, b = _smooth(1, dtype), _smooth(2, dtype)
+    a, b = _smooth(1, dtype), _with_flat_block(_smooth(2, dtype))
     mask = (_mask(b),) if masked else ()
     theirs = _value_and_grad(lambda x, y, *m: _reference_call(dtype, reference.MINDSSC(2, 2), x, y, *m), a, b, *mask)
     ours = _value_and_grad(MINDSSCLoss(3, radius=2, dilation=2), a, b, *mask)

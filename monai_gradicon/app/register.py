@@ -15,6 +15,13 @@ Pipeline (``register``), every step of it defined by the bundle (:mod:`monai_gra
    displacement ``u(x) = T(x) − x`` in mm, the warped moving image ``moving(T(x))`` and the warped label
    map (nearest neighbour). The same with ``Φ_BA`` on the moving grid gives the inverse.
 
+Options of uniGradICON's ``unigradicon-register`` (and beyond): a modality per scan (the scan dict's
+``modality`` key, dispatched by the bundle's :class:`~monai_gradicon.transforms.intensity.ByModalityd`),
+the similarity of instance optimisation (``lncc``, ``lncc2``, ``mind``), loss masking (the masks restrict
+each direction's similarity to its target image's mask instead of multiplying the images),
+segmentations (Dice per label in the report; with a weight, a Dice term in instance optimisation) and
+the Learn2Reg displacement (:func:`learn2reg_displacement`, ``displacement_learn2reg.nii.gz``).
+
 Interpolation outside the moving image follows ITK's resampler: a point up to half a voxel outside
 takes the border value, further out the value is 0, so ITK resampling with the written transform
 reproduces the warped image. Fields are evaluated in slabs of at most 2^21 voxels, so a 512×512×600
