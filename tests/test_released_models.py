@@ -1,7 +1,9 @@
 """The five released-model bundles against the authors' own registration path, in physical space.
 
 For each bundle (``knee``, ``lung``, ``brain``, ``unigradicon``, ``multigradicon``; uni/multiGradICON in both
-``modality`` ``ct`` and ``mri``, uniGradICON CT once more with masks):
+``modality`` ``ct`` and ``mri``, uniGradICON CT once more with masks, multiGradICON on an MR moving / CT fixed
+pair with a modality per scan — ``register(..., moving_modality="mri", fixed_modality="ct")`` against
+``preprocess(moving, "mri")`` and ``preprocess(fixed, "ct")``):
 
 * **A checkpoint in the released format**: the authors' own 4-step network — ``icon_registration``'s
   ``pretrained_models.lung_ct.make_network()`` (the knee, lung and brain factories all build it), or
@@ -57,13 +59,15 @@ unigradicon ct+masks  2.1e-5 mm / 5.1 mm    1.8e-5 mm / 5.6 mm    0.95 mm
 unigradicon mri       1.4e-4 mm / 12.7 mm   1.4e-4 mm / 14.5 mm   3.6 mm
 multigradicon ct      2.0e-5 mm / 4.8 mm    1.5e-5 mm / 4.4 mm    0.51 mm
 multigradicon mri     3.1e-5 mm / 6.2 mm    1.9e-5 mm / 6.4 mm    0.92 mm
+multigradicon mr→ct   2.2e-5 mm / 5.6 mm    1.9e-5 mm / 5.8 mm    0.90 mm
 ====================  ====================  ====================  ===================
 
 ("max" is the network's own displacement; mean 2.3–7.1 mm.) Defects injected into a private copy of the
 repository (on ``PYTHONPATH``) fail these tests by > 800× the tolerance: the lung bundle's window
 ``[-1000, 0]`` → ``[-1000, 1000]`` HU (lung: 1.5 mm); the knee window's upper percentile 99 → 99.5
 (knee: 0.92 mm); the brain scale 0.9/max → 1.0/max (brain: 1.1 mm); the ``modality`` override ignored
-(uni/multi MRI: 10.5 / 3.2 mm); ``align_corners`` flipped in ``PairGeometry.from_affine`` (every case:
+(uni/multi MRI: 10.5 / 3.2 mm); for the MR (moving) → CT (fixed) pair, the two scans' modalities swapped
+(4.2 mm) or one modality for both (``ByModalityd`` ignoring the scan's own, 2.6 mm); ``align_corners`` flipped in ``PairGeometry.from_affine`` (every case:
 0.81–5.2 mm); axis order ``"file"`` for ``"itk"`` (every case: 4.4–20 mm, and the report test). Editing a
 bundle's ``convention`` instead is refused: the ``.trch`` is in the authors' release format, which
 ``RegistrationModel`` accepts only under their convention (an ``InputError``).
