@@ -359,3 +359,31 @@ def write_large_files(bundle: str, url: str = "https://example.org/w.pt", path: 
     with open(listing, "w") as f:
         f.write(f"large_files:\n  - path: {path}\n    url: {url}\n")
     return listing
+
+
+# --- a tiny bundle with per-scan modalities (as the uniGradICON / multiGradICON bundles) -------------
+
+def modality_intensity_item() -> dict:
+    """The ``ByModalityd`` config item of the uni/multiGradICON bundles: CT window, MR order statistics, optional masks."""
+    mask = {"_target_": "monai_gradicon.transforms.ApplyMaskd", "keys": "image", "mask_key": "mask", "required": False}
+    return {
+        "_target_": "monai_gradicon.transforms.intensity.ByModalityd",
+        "default": "@modality",
+        "transforms": {
+            "ct": [{"_target_": "monai_gradicon.transforms.UnitWindowd", "keys": "image", "low": "@ct_window#0", "high": "@ct_window#1"}, mask],
+            "mri": [{"_target_": "monai_gradicon.transforms.UnitWindowd", "keys": "image", "low": None, "high": None,
+                     "low_quantile": "@quantile_range#0", "high_quantile": "@quantile_range#1"}, mask],
+        },
+    }
+
+
+def write_tiny_modality_bundle(root: str, shape=TINY_SHAPE, masks: str = "optional") -> str:
+    """:func:`write_tiny_bundle` with the uni/multiGradICON settings ``modality``, ``ct_window``, ``quantile_range``."""
+    write_tiny_bundle(root, shape=shape, intensity=[modality_intensity_item()], masks=masks)
+    path = os.path.join(root, "configs", "inference.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.update({"modality": "ct", "ct_window": [-1000.0, 1000.0], "quantile_range": [None, 0.99]})
+    with open(path, "w") as f:
+        json.dump(config, f, indent=1)
+    return root

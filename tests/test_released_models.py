@@ -1,7 +1,9 @@
 """The five released-model bundles against the authors' own registration path, in physical space.
 
 For each bundle (``knee``, ``lung``, ``brain``, ``unigradicon``, ``multigradicon``; uni/multiGradICON in both
-``modality`` ``ct`` and ``mri``, uniGradICON CT once more with masks):
+``modality`` ``ct`` and ``mri``, uniGradICON CT once more with masks, multiGradICON on an MR moving / CT fixed
+pair with a modality per scan — ``register(..., moving_modality="mri", fixed_modality="ct")`` against
+``preprocess(moving, "mri")`` and ``preprocess(fixed, "ct")``):
 
 * **A checkpoint in the released format**: the authors' own 4-step network — ``icon_registration``'s
   ``pretrained_models.lung_ct.make_network()`` (the knee, lung and brain factories all build it), or
@@ -57,13 +59,15 @@ unigradicon ct+masks  2.1e-5 mm / 5.1 mm    1.8e-5 mm / 5.6 mm    0.95 mm
 unigradicon mri       1.4e-4 mm / 12.7 mm   1.4e-4 mm / 14.5 mm   3.6 mm
 multigradicon ct      2.0e-5 mm / 4.8 mm    1.5e-5 mm / 4.4 mm    0.51 mm
 multigradicon mri     3.1e-5 mm / 6.2 mm    1.9e-5 mm / 6.4 mm    0.92 mm
+multigradicon mr→ct   2.2e-5 mm / 5.6 mm    1.9e-5 mm / 5.8 mm    0.90 mm
 ====================  ====================  ====================  ===================
 
 ("max" is the network's own displacement; mean 2.3–7.1 mm.) Defects injected into a private copy of the
 repository (on ``PYTHONPATH``) fail these tests by > 800× the tolerance: the lung bundle's window
 ``[-1000, 0]`` → ``[-1000, 1000]`` HU (lung: 1.5 mm); the knee window's upper percentile 99 → 99.5
 (knee: 0.92 mm); the brain scale 0.9/max → 1.0/max (brain: 1.1 mm); the ``modality`` override ignored
-(uni/multi MRI: 10.5 / 3.2 mm); ``align_corners`` flipped in ``PairGeometry.from_affine`` (every case:
+(uni/multi MRI: 10.5 / 3.2 mm); for the MR (moving) → CT (fixed) pair, the two scans' modalities swapped
+(4.2 mm) or one modality for both (``ByModalityd`` ignoring the scan's own, 2.6 mm); ``align_corners`` flipped in ``PairGeometry.from_affine`` (every case:
 0.81–5.2 mm); axis order ``"file"`` for ``"itk"`` (every case: 4.4–20 mm, and the report test). Editing a
 bundle's ``convention`` instead is refused: the ``.trch`` is in the authors' release format, which
 ``RegistrationModel`` accepts only under their convention (an ``InputError``).
@@ -117,7 +121,10 @@ CASES = {
     "unigradicon-mri": ("unigradicon", "uni", "mr", {"modality": "mri"}, False),
     "multigradicon-ct": ("multigradicon", "uni", "ct", {"modality": "ct"}, False),
     "multigradicon-mri": ("multigradicon", "uni", "mr", {"modality": "mri"}, False),
+    # a multimodal pair: MR moving, CT fixed, each scan its own modality (register's moving_/fixed_modality)
+    "multigradicon-mr-ct": ("multigradicon", "uni", ("mr", "ct"), {"moving_modality": "mri", "fixed_modality": "ct"}, False),
 }
+SCAN_MODALITY_KEYS = ("moving_modality", "fixed_modality")  # register keywords, not bundle settings
 SEEDS = {"knee": 11, "lung": 12, "brain": 13, "unigradicon": 14, "multigradicon": 15}
 MEASURED: dict = {}  # case -> measured values, printed at the end with -s (the table in the module docstring)
 
@@ -241,7 +248,7 @@ def _knee_window(image):
     return out
 
 
-def _authors_preprocess(case: str, image, mask):
+def _authors_preprocess(case: str, image, mask, role: str = "moving"):
     bundle, factory, _, overrides, _ = CASES[case]
     if bundle == "knee":
         return _knee_window(image)
@@ -251,7 +258,7 @@ def _authors_preprocess(case: str, image, mask):
         return brain_network_preprocess(image)
     if mask is not None:  # unigradicon-register casts masks to short
         mask = itk.CastImageFilter[type(mask), itk.Image[itk.SS, 3]].New()(mask)
-    return unigradicon.preprocess(image, overrides["modality"], mask)
+    return unigradicon.preprocess(image, overrides.get(f"{role}_modality", overrides.get("modality")), mask)
 
 
 
@@ -276,7 +283,10 @@ def _run(pairs, case: str) -> dict:
     bundle, factory, kind, overrides, masks = CASES[case]
     root, files = pairs["root"], pairs["files"]
     net, weights = _reference(bundle, factory, root)
-    moving, fixed = files[(kind, "moving")], files[(kind, "fixed")]
+    moving_kind, fixed_kind = kind if isinstance(kind, tuple) else (kind, kind)
+    moving, fixed = files[(moving_kind, "moving")], files[(fixed_kind, "fixed")]
+    scan_modalities = {k: v for k, v in overrides.items() if k in SCAN_MODALITY_KEYS}
+    overrides = {k: v for k, v in overrides.items() if k not in SCAN_MODALITY_KEYS}
     mask_paths = (files[("mask", "moving")], files[("mask", "fixed")]) if masks else (None, None)
 
     image_A, image_B = itk.imread(moving), itk.imread(fixed)  # as the authors' CLI / evaluation read them
@@ -285,14 +295,14 @@ def _run(pairs, case: str) -> dict:
     icon_config.device = torch.device("cpu")
     try:
         phi_AB, phi_BA = itk_wrapper.register_pair(
-            net, _authors_preprocess(case, image_A, mask_A), _authors_preprocess(case, image_B, mask_B)
+            net, _authors_preprocess(case, image_A, mask_A, "moving"), _authors_preprocess(case, image_B, mask_B, "fixed")
         )
     finally:
         icon_config.device = device
     ours = register(
         moving, fixed, bundle, root / f"out_{case}",
         moving_mask=mask_paths[0], fixed_mask=mask_paths[1], weights=weights,
-        overrides={"image_shape": list(NETWORK_SHAPE), **overrides}, device="cpu", progress=False,
+        overrides={"image_shape": list(NETWORK_SHAPE), **overrides}, device="cpu", progress=False, **scan_modalities,
     )
     transform = itk.transformread(ours.files["transform"])[0]
     inverse = itk.transformread(ours.files["inverse_transform"])[0]
@@ -354,6 +364,11 @@ def test_report_states_the_bundle_grid_convention_and_masks(pairs, case):
     assert not report["axis_codes"]["moving_reoriented"]
     assert report["masks"]["moving"] is masks and report["masks"]["fixed"] is masks
     assert report["weights"].endswith(f"{bundle}_random_weights.trch")
+    overrides = CASES[case][3]
+    expected = {
+        role: overrides.get(f"{role}_modality", overrides.get("modality")) for role in ("moving", "fixed")
+    } if bundle in ("unigradicon", "multigradicon") else {"moving": None, "fixed": None}
+    assert report["modalities"] == expected  # each scan's preprocessing, as the report states it
     assert report["forward"]["folds"] >= 0 and report["max_displacement_mm"] > NETWORK_PART_MIN_MM
 
 

@@ -5,6 +5,8 @@ Examples::
     monai-gradicon register --moving M.nii.gz --fixed F.nii.gz --bundle lung --out result \\
         --moving-mask Mmask.nii.gz --fixed-mask Fmask.nii.gz --io-steps 50 --overview
     monai-gradicon register --moving t1_a.nii.gz --fixed t1_b.nii.gz --bundle unigradicon --modality mri --out result
+    monai-gradicon register --moving mr.nii.gz --fixed ct.nii.gz --bundle multigradicon --moving-modality mri \
+        --fixed-modality ct --ct-window=-1000,1000 --io-steps 50 --io-sim mind --displacement-format learn2reg --out result
     monai-gradicon register-batch --pairs datalist.json --out registrations --bundle knee --batch-size 4 --num-workers 2
     monai-gradicon evaluate --pairs datalist.json --out evaluation --bundle knee
     monai-gradicon convert-weights --source lung_model_weights_step_2.trch --out lung.pt --bundle lung
@@ -47,6 +49,16 @@ class Commands:
         modality: str | None = None,
         allow_untrained: bool = False,
         quiet: bool = False,
+        moving_modality: str | None = None,
+        fixed_modality: str | None = None,
+        ct_window=None,
+        quantile_range=None,
+        io_sim: str | None = None,
+        loss_masking: bool = False,
+        moving_segmentation: str | None = None,
+        fixed_segmentation: str | None = None,
+        dice_weight: float = 0.0,
+        displacement_format: str = "mm",
     ) -> None:
         """Register MOVING onto FIXED; write warped image, displacement (mm), ITK transforms, inverse, report.
 
@@ -64,16 +76,34 @@ class Commands:
             overview: also write overview.png.
             device: cpu | cuda (default: cuda when available).
             seed: seed of the GradICON perturbation during instance optimisation.
-            modality: ct | mri, the intensity window of uniGradICON/multiGradICON (bundles with a 'modality' setting).
+            modality: ct | mri for both scans, the intensity window of uniGradICON/multiGradICON (bundles with a 'modality' setting).
             allow_untrained: run a bundle whose weights file is missing (the result is not a registration).
             quiet: no progress bar.
+            moving_modality: ct | mri for the moving scan alone (multiGradICON MR-CT pairs); default --modality, else the bundle's.
+            fixed_modality: ct | mri for the fixed scan alone.
+            ct_window: the CT window in HU as two numbers MIN,MAX, e.g. --ct-window=-1000,1000 (uni/multiGradICON).
+            quantile_range: the MR window as two quantiles LO,HI in [0, 1], e.g. --quantile-range=0.01,0.99 (LO None: the minimum).
+            io_sim: similarity of instance optimisation: lncc (default) | lncc2 (squared LNCC) | mind (MIND-SSC, 3D); needs --io-steps.
+            loss_masking: the masks (both needed) restrict the similarity of instance optimisation instead of multiplying the images; needs --io-steps.
+            moving_segmentation: label map on the moving grid: Dice per label in report.json; with --dice-weight a Dice term in instance optimisation.
+            fixed_segmentation: label map on the fixed grid with the same labels.
+            dice_weight: weight W of the Dice term of instance optimisation (needs both segmentations and --io-steps).
+            displacement_format: mm (default) | learn2reg: also write displacement_learn2reg.nii.gz (voxels of the fixed grid, X,Y,Z,3).
         """
         from .register import register
 
+        overrides = _modality(bundle, modality) or {}
+        for key, option, value in (("ct_window", "--ct-window", ct_window), ("quantile_range", "--quantile-range", quantile_range)):
+            if value is not None:
+                overrides[key] = _two_numbers(option, value, key == "quantile_range")
+        per_scan = {role: _scan_modality(role, given, modality) for role, given in (("moving", moving_modality), ("fixed", fixed_modality))}
         outputs = register(
             moving, fixed, bundle, out, moving_labels=moving_labels, moving_mask=moving_mask, fixed_mask=fixed_mask,
             weights=weights, io_steps=io_steps, io_learning_rate=io_lr, overview=overview, device=device,
-            progress=not quiet, seed=seed, allow_untrained=allow_untrained, overrides=_modality(bundle, modality),
+            progress=not quiet, seed=seed, allow_untrained=allow_untrained, overrides=overrides or None,
+            moving_modality=per_scan["moving"], fixed_modality=per_scan["fixed"], io_similarity=io_sim,
+            loss_masking=bool(loss_masking), moving_segmentation=moving_segmentation, fixed_segmentation=fixed_segmentation,
+            dice_weight=float(dice_weight), displacement_format=displacement_format,
         )
         r = outputs.report
         print(
@@ -81,6 +111,10 @@ class Commands:
             f"({r['forward']['folds_percent']:.4f} %), NCC {r['similarity']['before']:.4f} -> {r['similarity']['after']:.4f}; "
             f"outputs in {out} (report.json)"
         )
+        dice = r.get("segmentation_dice")
+        if dice:
+            scores = ", ".join(f"{k}: {dice['before'].get(k, float('nan')):.3f} -> {v:.3f}" for k, v in dice["after"].items())
+            print(f"Dice per label (before -> after): {scores}" + ("" if dice["dice_term_weight"] > 0 else f"; Dice term {dice['dice_term']}"))
 
     def evaluate(
         self,
@@ -219,8 +253,35 @@ def _modality(bundle: str, modality: str | None) -> dict | None:  # noqa: ARG001
     if modality not in ("ct", "mri"):
         from .errors import InputError
 
-        raise InputError(f"modality must be 'ct' or 'mri', got {modality!r}.")
+        raise InputError(f"--modality must be 'ct' or 'mri', got {modality!r}.")
     return {"modality": modality}
+
+
+def _scan_modality(role: str, given: str | None, both: str | None) -> str | None:
+    """A scan's modality: its own option, else ``--modality``; the two must agree when both are given."""
+    if given is not None and both is not None and given != both:
+        from .errors import InputError
+
+        raise InputError(f"--{role}-modality {given!r} contradicts --modality {both!r}: give one of them, or the same value.")
+    return given
+
+
+def _two_numbers(option: str, value, quantiles: bool) -> list:
+    """``(low, high)`` from fire's parse of ``--option=LOW,HIGH`` (a tuple), checked: numbers, ``low < high``."""
+    from .errors import InputError
+
+    form = f"two numbers LOW,HIGH without spaces, e.g. {option}={'0.01,0.99' if quantiles else '-1000,1000'}"
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise InputError(f"{option} takes {form}; got {value!r}.")
+    low, high = value
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ((high,) if quantiles and low is None else value))
+    if not numbers:
+        raise InputError(f"{option} takes {form}; got {value!r}.")
+    if quantiles and not all(0.0 <= v <= 1.0 for v in value if v is not None):
+        raise InputError(f"{option} takes quantiles in [0, 1]; got {value!r}.")
+    if low is not None and not low < high:
+        raise InputError(f"{option} needs LOW < HIGH; got {value!r}.")
+    return [None if low is None else float(low), float(high)]
 
 
 def _one_line(error: BaseException) -> str:

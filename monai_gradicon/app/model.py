@@ -31,15 +31,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..losses import GradICONLoss, GradICONObjective, LNCCLoss
+from ..losses import GradICONLoss, GradICONObjective, LNCCLoss, MINDSSCLoss
 from ..maps import Deformation
 from ..networks import MultiStepRegistrationNet, load_reference_weights
+from ..transforms.intensity import ByModalityd
 from ..transforms.network_grid import PairGeometry, ToNetworkGridd
 from .errors import USER_ERRORS, InputError, MissingWeightsError, raised_inside
 
 __all__ = [
     "BUNDLE_ALIASES",
     "MASK_POLICIES",
+    "IO_SIMILARITIES",
     "RegistrationModel",
     "bundle_directory",
     "load_registration_model",
@@ -54,6 +56,8 @@ BUNDLE_ALIASES = {
     "multigradicon": "multigradicon",
 }
 MASK_POLICIES = ("unused", "required", "optional")
+# similarity of the instance-optimisation objective (uniGradICON's --io_sim): LNCC, squared LNCC, MIND-SSC(2, 2)
+IO_SIMILARITIES = ("lncc", "lncc2", "mind")
 AUTHORS_CONVENTION = {"order": "itk", "align_corners": False, "axcodes": None}
 
 
@@ -209,6 +213,9 @@ class RegistrationModel:
                 f"(the resampling convention of its weights), found {len(grids)}."
             )
         self.grid: ToNetworkGridd = grids[0]
+        steps = getattr(self.scan_preprocessing, "transforms", [self.scan_preprocessing])
+        by_modality = [t for t in steps if isinstance(t, ByModalityd)]
+        self._by_modality: ByModalityd | None = by_modality[0] if by_modality else None
         self.network = _pair_network(self.network)
         self._attach_weights()
         if self.device is not None:
@@ -222,6 +229,17 @@ class RegistrationModel:
     @property
     def spatial_dims(self) -> int:
         return len(self.network_shape)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The modalities a scan may name (a :class:`~monai_gradicon.transforms.intensity.ByModalityd` in the
+        preprocessing); ``()`` when the bundle has one preprocessing for every scan."""
+        return self._by_modality.modalities if self._by_modality is not None else ()
+
+    @property
+    def default_modality(self) -> str | None:
+        """The modality of a scan that names none (the bundle's ``modality`` setting), or ``None``."""
+        return self._by_modality.default if self._by_modality is not None else None
 
     @property
     def convention(self) -> dict:
@@ -276,13 +294,32 @@ class RegistrationModel:
             return self.network.deformation(moving, fixed)
         return Deformation.from_ddf(self.network(moving, fixed))
 
-    def objective(self) -> GradICONObjective:
-        """The full GradICON objective of paper Sec. 5.1 for instance optimisation on one pair."""
-        return GradICONObjective(
-            LNCCLoss(self.spatial_dims, sigma=self.lncc_sigma),
-            GradICONLoss(self.spatial_dims, sparse=self.sparse),
-            self.lmbda,
-        )
+    def objective(self, similarity: str = "lncc") -> GradICONObjective:
+        """The full GradICON objective of paper Sec. 5.1 for instance optimisation on one pair.
+
+        Args:
+            similarity: ``L_sim`` (:data:`IO_SIMILARITIES`): ``"lncc"`` (:class:`LNCCLoss`, σ = ``lncc_sigma``,
+                what the released models were trained with), ``"lncc2"`` (squared LNCC, same σ) or ``"mind"``
+                (:class:`MINDSSCLoss`, radius 2, dilation 2; 3D only), as uniGradICON's ``--io_sim``.
+
+        Returns:
+            ``L_sim`` both ways + ``λ`` × the (sparse) GradICON term.
+
+        Raises:
+            InputError: an unknown similarity, or ``"mind"`` for a 2D model.
+        """
+        if similarity not in IO_SIMILARITIES:
+            raise InputError(f"the instance-optimisation similarity must be one of {IO_SIMILARITIES}, got {similarity!r}.")
+        if similarity == "mind":
+            if self.spatial_dims != 3:
+                raise InputError(
+                    f"the MIND-SSC similarity is defined for 3D images only; the {self.name!r} model registers "
+                    f"{self.spatial_dims}D images (use lncc or lncc2)."
+                )
+            measure = MINDSSCLoss(3, radius=2, dilation=2)
+        else:
+            measure = LNCCLoss(self.spatial_dims, sigma=self.lncc_sigma, squared=similarity == "lncc2")
+        return GradICONObjective(measure, GradICONLoss(self.spatial_dims, sparse=self.sparse), self.lmbda)
 
 
 def _parser(bundle_dir: str, overrides: Mapping | None = None):

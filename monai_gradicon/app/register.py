@@ -15,6 +15,13 @@ Pipeline (``register``), every step of it defined by the bundle (:mod:`monai_gra
    displacement ``u(x) = T(x) − x`` in mm, the warped moving image ``moving(T(x))`` and the warped label
    map (nearest neighbour). The same with ``Φ_BA`` on the moving grid gives the inverse.
 
+Options of uniGradICON's ``unigradicon-register`` (and beyond): a modality per scan (the scan dict's
+``modality`` key, dispatched by the bundle's :class:`~monai_gradicon.transforms.intensity.ByModalityd`),
+the similarity of instance optimisation (``lncc``, ``lncc2``, ``mind``), loss masking (the masks restrict
+each direction's similarity to its target image's mask instead of multiplying the images),
+segmentations (Dice per label in the report; with a weight, a Dice term in instance optimisation) and
+the Learn2Reg displacement (:func:`learn2reg_displacement`, ``displacement_learn2reg.nii.gz``).
+
 Interpolation outside the moving image follows ITK's resampler: a point up to half a voxel outside
 takes the border value, further out the value is 0, so ITK resampling with the written transform
 reproduces the warped image. Fields are evaluated in slabs of at most 2^21 voxels, so a 512×512×600
@@ -29,7 +36,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -45,13 +52,25 @@ from ..io import (
     write_itk_displacement_transform,
 )
 from ..losses import NCCLoss
+from ..metrics import label_dice
 from ..maps import Deformation, jacobian_determinant, warp
 from ..transforms.network_grid import PairGeometry, axis_codes
 from .errors import InputError, raised_inside
-from .instance_optimization import DEFAULT_IO_LEARNING_RATE, instance_optimize
-from .model import RegistrationModel, load_registration_model
+from .instance_optimization import DEFAULT_IO_LEARNING_RATE, DiceTerm, instance_optimize
+from .model import IO_SIMILARITIES, RegistrationModel, load_registration_model
 
-__all__ = ["register", "prepare_pair", "write_registration", "PreparedPair", "RegistrationOutputs", "physical_transform", "OUTPUT_FILES"]
+__all__ = [
+    "register",
+    "prepare_pair",
+    "write_registration",
+    "PreparedPair",
+    "RegistrationOutputs",
+    "physical_transform",
+    "learn2reg_displacement",
+    "network_one_hot",
+    "OUTPUT_FILES",
+    "DISPLACEMENT_FORMATS",
+]
 
 OUTPUT_FILES = {
     "warped_moving": "warped_moving.nii.gz",
@@ -61,10 +80,12 @@ OUTPUT_FILES = {
     "inverse_displacement": "inverse_displacement_mm.nii.gz",
     "inverse_transform": "inverse_transform.h5",
     "warped_moving_labels": "warped_moving_labels.nii.gz",
+    "displacement_learn2reg": "displacement_learn2reg.nii.gz",
     "report": "report.json",
     "overview": "overview.png",
 }
 _CHUNK_POINTS = 1 << 21
+DISPLACEMENT_FORMATS = ("mm", "learn2reg")  # mm: always written; learn2reg: also the voxel-unit field
 
 
 def _voxel_indices(shape: Sequence[int], start: int, stop: int, device: torch.device) -> torch.Tensor:
@@ -113,6 +134,7 @@ class _Direction:
     displacement: np.ndarray  # (D, *S) RAS mm
     warped: np.ndarray  # (*S)
     warped_labels: np.ndarray | None
+    warped_segmentation: np.ndarray | None = None
 
 
 def _resample_direction(
@@ -122,15 +144,16 @@ def _resample_direction(
     source_geometry: PairGeometry,
     target_geometry: PairGeometry,
     labels: PhysicalImage | None,
+    segmentation: PhysicalImage | None = None,
 ) -> _Direction:
     shape = source.spatial_shape
     dims = len(shape)
     device = phi.fields[0].device
     target_image = target.array[None].to(device)
-    label_image = labels.array[None].to(device) if labels is not None else None
+    maps = [m.array[None].to(device) if m is not None else None for m in (labels, segmentation)]
     displacement = np.empty((int(np.prod(shape)), dims), np.float32)
     warped = np.empty(int(np.prod(shape)), np.float32)
-    warped_labels = np.empty(int(np.prod(shape)), np.float32) if labels is not None else None
+    warped_maps = [np.empty(int(np.prod(shape)), np.float32) if m is not None else None for m in maps]
     per_slab = max(1, int(np.prod(shape[1:])))
     step = max(1, _CHUNK_POINTS // per_slab)
     for start in range(0, shape[0], step):
@@ -140,13 +163,52 @@ def _resample_direction(
         rows = slice(start * per_slab, stop * per_slab)
         displacement[rows] = mm.numpy()
         warped[rows] = sample_at_voxel_indices(target_image, target_index, "bilinear")[0].cpu().numpy()
-        if label_image is not None:
-            warped_labels[rows] = sample_at_voxel_indices(label_image, target_index, "nearest")[0].cpu().numpy()
+        for label_image, out in zip(maps, warped_maps):
+            if label_image is not None:
+                out[rows] = sample_at_voxel_indices(label_image, target_index, "nearest")[0].cpu().numpy()
+    warped_labels, warped_segmentation = (m.reshape(shape) if m is not None else None for m in warped_maps)
     return _Direction(
         displacement=np.moveaxis(displacement.reshape(*shape, dims), -1, 0),
         warped=warped.reshape(shape),
-        warped_labels=warped_labels.reshape(shape) if warped_labels is not None else None,
+        warped_labels=warped_labels,
+        warped_segmentation=warped_segmentation,
     )
+
+
+def _resample_in_place(labels: PhysicalImage, grid: PhysicalImage) -> np.ndarray:
+    """``labels`` (nearest neighbour) at the physical positions of the voxels of ``grid``: no registration."""
+    shape = grid.spatial_shape
+    to_labels = torch.from_numpy(np.linalg.inv(labels.affine) @ grid.affine)
+    image = labels.array[None]
+    out = np.empty(int(np.prod(shape)), np.float32)
+    per_slab = max(1, int(np.prod(shape[1:])))
+    step = max(1, _CHUNK_POINTS // per_slab)
+    dims = len(shape)
+    for start in range(0, shape[0], step):
+        stop = min(shape[0], start + step)
+        index = _voxel_indices(shape, start, stop, torch.device("cpu"))
+        mapped = index @ to_labels[:dims, :dims].T + to_labels[:dims, dims]
+        out[start * per_slab:stop * per_slab] = sample_at_voxel_indices(image, mapped, "nearest")[0].numpy()
+    return out.reshape(shape)
+
+
+def learn2reg_displacement(displacement_mm: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The Learn2Reg displacement: voxel units of the fixed grid, ``(*spatial, D)``.
+
+    ``u_vox(x) = index_fixed(T(x)) − x = M⁻¹ u_mm(x)`` with ``M`` the linear part of the fixed grid's
+    voxel-to-mm ``affine``: component ``c`` moves along the file's voxel axis ``c``; for a pair on one grid
+    ``moving(x + u_vox(x))`` (e.g. ``scipy.ndimage.map_coordinates``) is the warped moving image.
+
+    Args:
+        displacement_mm: ``(D, *spatial)`` ``u(x) = T(x) − x`` in RAS mm at each fixed voxel.
+        affine: ``(D+1, D+1)`` the fixed grid's voxel-to-RAS-mm matrix.
+
+    Returns:
+        ``(*spatial, D)`` float32, spatial axes in the file's stored order.
+    """
+    dims = displacement_mm.shape[0]
+    inverse = np.linalg.inv(np.asarray(affine, dtype=np.float64)[:dims, :dims])
+    return np.einsum("ij,j...->...i", inverse, np.asarray(displacement_mm, dtype=np.float64)).astype(np.float32)
 
 
 def _check_same_grid(image: PhysicalImage, other: PhysicalImage, what: str) -> None:
@@ -227,25 +289,29 @@ def _check_masks(model: RegistrationModel, masks: Sequence[PhysicalImage | None]
         raise InputError(f"give masks for both images or for none (the {model.name!r} model masks both alike).")
 
 
-def _scan(image: PhysicalImage, mask: PhysicalImage | None, axcodes: str) -> dict:
+def _scan(image: PhysicalImage, mask: PhysicalImage | None, axcodes: str, modality: str | None = None, loss_masking: bool = False) -> dict:
     from monai.data import MetaTensor
 
     scan = {"image": MetaTensor(image.array, affine=torch.as_tensor(image.affine)), "axcodes": axcodes}
     if mask is not None:
         scan["mask"] = MetaTensor(mask.array, affine=torch.as_tensor(mask.affine))
+    if modality is not None:
+        scan["modality"] = modality
+    if loss_masking:
+        scan["loss_masking"] = True
     return scan
 
 
-def _prepare(model: RegistrationModel, scan: dict, what: str, device: torch.device) -> tuple[torch.Tensor, PairGeometry]:
+def _prepare(model: RegistrationModel, scan: dict, what: str, device: torch.device) -> tuple[torch.Tensor, PairGeometry, dict]:
     """The bundle's scan preprocessing; a ValueError inside a transform (MONAI wraps it) is bad input about ``what``."""
     try:
-        image, geometry, _ = model.prepare(scan)
+        image, geometry, out = model.prepare(scan)
     except RuntimeError as error:
         cause = raised_inside(error, ValueError)
         if cause is None:
             raise
         raise InputError(f"{what}: {cause}") from None
-    return image.to(device), geometry
+    return image.to(device), geometry, out
 
 
 @dataclass
@@ -265,6 +331,9 @@ class PreparedPair:
         geometry_A: the moving image's placement on the network grid.
         geometry_B: the fixed image's placement on the network grid.
         preprocessing_seconds: time spent reading and preprocessing.
+        modalities: ``moving``/``fixed`` -> the modality each scan was preprocessed as (``None``: the bundle has one).
+        loss_masks: ``(mask_A, mask_B)`` on the network grid ``(1, 1, *network_shape)`` for loss masking, or ``None``.
+        segmentations: ``[moving, fixed]`` label maps with the same labels, or ``None``.
     """
 
     moving_image: PhysicalImage
@@ -279,6 +348,14 @@ class PreparedPair:
     geometry_A: PairGeometry
     geometry_B: PairGeometry
     preprocessing_seconds: float
+    modalities: dict = field(default_factory=dict)
+    loss_masks: tuple | None = None
+    segmentations: list | None = None
+
+    @property
+    def segmentation_labels(self) -> list[int]:
+        """The labels of the segmentations (without 0), ``[]`` without segmentations."""
+        return _label_set(self.segmentations[1]) if self.segmentations else []
 
 
 def _absolute(path: str | os.PathLike | None) -> str | None:
@@ -293,6 +370,12 @@ def prepare_pair(
     moving_mask: str | os.PathLike | None = None,
     fixed_mask: str | os.PathLike | None = None,
     device: torch.device | str = "cpu",
+    *,
+    moving_modality: str | None = None,
+    fixed_modality: str | None = None,
+    loss_masking: bool = False,
+    moving_segmentation: str | os.PathLike | None = None,
+    fixed_segmentation: str | os.PathLike | None = None,
 ) -> PreparedPair:
     """Read a pair, check it against the model (grids, mask policy) and run the bundle's scan preprocessing.
 
@@ -304,13 +387,20 @@ def prepare_pair(
         moving_mask: optional mask on the moving grid.
         fixed_mask: optional mask on the fixed grid.
         device: where the preprocessed images are put.
+        moving_modality: the moving scan's modality (one of ``model.modalities``); ``None``: the bundle's default.
+        fixed_modality: the fixed scan's modality.
+        loss_masking: the masks (both required) enter the similarity of instance optimisation instead of
+            multiplying the images; they are brought to the network grid (``PreparedPair.loss_masks``).
+        moving_segmentation: optional label map on the moving grid (Dice term and Dice report).
+        fixed_segmentation: optional label map on the fixed grid, with the same labels.
 
     Returns:
         the :class:`PreparedPair`.
 
     Raises:
         ImageReadError: missing/unreadable/NaN/wrong-dimension inputs, or grids that do not match.
-        InputError: masks against the bundle's policy, an image the preprocessing rejects.
+        InputError: masks against the bundle's policy, an image the preprocessing rejects, a modality the
+            bundle does not offer, loss masking without both masks, segmentations with different labels.
     """
     started = time.perf_counter()
     dims = model.spatial_dims
@@ -324,19 +414,102 @@ def prepare_pair(
         if mask is not None:
             _check_same_grid(image, mask, what)
     _check_masks(model, masks)
+    modalities = {"moving": _modality(model, moving_modality, "moving"), "fixed": _modality(model, fixed_modality, "fixed")}
+    if loss_masking:
+        _check_loss_masking(model, masks)
+    segmentations = _segmentations(moving_image, fixed_image, moving_segmentation, fixed_segmentation, dims)
     codes = {"moving": axis_codes(moving_image.affine), "fixed": axis_codes(fixed_image.affine)}
     network_codes = model.grid.axcodes or codes["fixed"]
     device = torch.device(device)
-    A, geometry_A = _prepare(model, _scan(moving_image, masks[0], network_codes), f"moving image {moving_image.path!r}", device)
-    B, geometry_B = _prepare(model, _scan(fixed_image, masks[1], network_codes), f"fixed image {fixed_image.path!r}", device)
+    prepared = []
+    for image, mask, role in ((moving_image, masks[0], "moving"), (fixed_image, masks[1], "fixed")):
+        scan = _scan(image, mask, network_codes, modalities[role], loss_masking)
+        prepared.append(_prepare(model, scan, f"{role} image {image.path!r}", device))
+    (A, geometry_A, out_A), (B, geometry_B, out_B) = prepared
+    loss_masks = (_network_mask(model, out_A, "moving", device), _network_mask(model, out_B, "fixed", device)) if loss_masking else None
     paths = {
         "moving": _absolute(moving), "fixed": _absolute(fixed), "moving_labels": _absolute(moving_labels),
         "moving_mask": _absolute(moving_mask), "fixed_mask": _absolute(fixed_mask),
+        "moving_segmentation": _absolute(moving_segmentation), "fixed_segmentation": _absolute(fixed_segmentation),
     }
     return PreparedPair(
         moving_image, fixed_image, labels, masks, paths, codes, network_codes, A, B, geometry_A, geometry_B,
-        time.perf_counter() - started,
+        time.perf_counter() - started, modalities=modalities, loss_masks=loss_masks, segmentations=segmentations,
     )
+
+
+def _modality(model: RegistrationModel, modality: str | None, role: str) -> str | None:
+    """The modality a scan is preprocessed as (``None``: the bundle has one preprocessing for all scans)."""
+    if modality is None:
+        return model.default_modality
+    if not model.modalities:
+        raise InputError(
+            f"bundle {model.name!r} has one preprocessing for every scan and no per-scan modality; "
+            f"--{role}-modality is for bundles that offer modalities (unigradicon, multigradicon), got {modality!r}."
+        )
+    if modality not in model.modalities:
+        raise InputError(f"{role} modality must be one of {list(model.modalities)} (bundle {model.name!r}), got {modality!r}.")
+    return modality
+
+
+def _check_loss_masking(model: RegistrationModel, masks: Sequence[PhysicalImage | None]) -> None:
+    if not all(m is not None for m in masks):
+        raise InputError("--loss-masking needs both --moving-mask and --fixed-mask (the similarity is averaged inside them).")
+    if model.masks == "required":
+        raise InputError(
+            f"the {model.name!r} model was trained on masked images (image × mask); --loss-masking would feed it "
+            "unmasked images. Its masks always multiply the images: leave out --loss-masking."
+        )
+
+
+def _network_mask(model: RegistrationModel, out: dict, role: str, device: torch.device) -> torch.Tensor:
+    """The scan's mask as the preprocessing left it on the network grid, ``(1, 1, *network_shape)``."""
+    if out.get("mask") is None:
+        raise InputError(f"the scan preprocessing of {model.name!r} does not bring masks to the network grid: --loss-masking is not available.")
+    mask = (torch.as_tensor(out["mask"]).as_subclass(torch.Tensor) > 0).to(torch.float32)[None]
+    if tuple(mask.shape[2:]) != model.network_shape or not bool(mask.any()):
+        raise InputError(f"the {role} mask covers no voxel of the network grid {model.network_shape}: it cannot restrict the similarity.")
+    return mask.to(device)
+
+
+def _label_set(image: PhysicalImage) -> list[int]:
+    return sorted(int(v) for v in torch.unique(torch.round(image.array)).tolist() if v != 0)
+
+
+def _segmentations(moving_image, fixed_image, moving_segmentation, fixed_segmentation, dims) -> list | None:
+    """Both segmentations read and checked (grids, the same nonzero labels), or ``None``."""
+    if not moving_segmentation and not fixed_segmentation:
+        return None
+    if not (moving_segmentation and fixed_segmentation):
+        raise InputError("give both --moving-segmentation and --fixed-segmentation (their labels are compared), or neither.")
+    moving_seg = load_image(moving_segmentation, "moving segmentation", dims)
+    fixed_seg = load_image(fixed_segmentation, "fixed segmentation", dims)
+    _check_same_grid(moving_image, moving_seg, "moving segmentation")
+    _check_same_grid(fixed_image, fixed_seg, "fixed segmentation")
+    labels = [_label_set(moving_seg), _label_set(fixed_seg)]
+    if labels[0] != labels[1]:
+        raise InputError(
+            f"the segmentations must have the same labels: moving segmentation {labels[0]}, fixed segmentation {labels[1]}."
+        )
+    if not labels[0]:
+        raise InputError("the segmentations hold no label other than 0 (background).")
+    return [moving_seg, fixed_seg]
+
+
+def network_one_hot(segmentation: PhysicalImage, geometry: PairGeometry, labels: Sequence[int], device: torch.device) -> torch.Tensor:
+    """A label map brought to the network grid (nearest neighbour) as a one-hot ``(1, len(labels), *network_shape)``.
+
+    Args:
+        segmentation: label map on its image's grid.
+        geometry: that image's placement on the network grid.
+        labels: the labels, one channel each (background 0 left out).
+        device: where the result is put.
+
+    Returns:
+        float32 one-hot channels in the order of ``labels``.
+    """
+    on_grid = torch.round(geometry.to_network(segmentation.array[None], mode="nearest"))
+    return torch.cat([(on_grid == label) for label in labels], dim=1).to(torch.float32).to(device)
 
 
 def write_registration(
@@ -348,6 +521,7 @@ def write_registration(
     io_report: dict | None = None,
     overview: bool = False,
     network_seconds: float = 0.0,
+    displacement_format: str = "mm",
 ) -> RegistrationOutputs:
     """Carry the network-grid maps of a prepared pair to both images' grids and write every output to ``out``.
 
@@ -362,13 +536,16 @@ def write_registration(
         io_report: the instance-optimisation summary for the report, or ``None``.
         overview: also write ``overview.png``.
         network_seconds: time the network (and instance optimisation) took, for the report.
+        displacement_format: ``"mm"`` (``displacement_mm.nii.gz``, always written) or ``"learn2reg"``: also
+            ``displacement_learn2reg.nii.gz`` (:func:`learn2reg_displacement`, the fixed header).
 
     Returns:
         :class:`RegistrationOutputs` (report, written files, network-grid maps).
 
     Raises:
-        InputError: the output folder cannot be written.
+        InputError: the output folder cannot be written, an unknown ``displacement_format``.
     """
+    _check_displacement_format(displacement_format)
     started = time.perf_counter()
     out = os.fspath(out)
     staging = _prepare_output_dir(out)
@@ -376,7 +553,10 @@ def write_registration(
     network_codes, A, B, geometry_A, geometry_B = pair.network_codes, pair.A, pair.B, pair.geometry_A, pair.geometry_B
     run_device = phi_AB.fields[0].device
     try:
-        forward = _resample_direction(phi_AB, fixed_image, moving_image, geometry_B, geometry_A, labels)
+        segmentations = pair.segmentations
+        forward = _resample_direction(
+            phi_AB, fixed_image, moving_image, geometry_B, geometry_A, labels, segmentations[0] if segmentations else None
+        )
         inverse = _resample_direction(phi_BA, moving_image, fixed_image, geometry_A, geometry_B, None)
         files = {}
 
@@ -387,6 +567,8 @@ def write_registration(
         save_nifti(forward.warped, fixed_image.affine, stage("warped_moving"))
         write_displacement_nifti(forward.displacement, fixed_image.affine, stage("displacement"))
         write_itk_displacement_transform(forward.displacement, fixed_image.affine, stage("transform"))
+        if displacement_format == "learn2reg":
+            save_nifti(learn2reg_displacement(forward.displacement, fixed_image.affine), fixed_image.affine, stage("displacement_learn2reg"))
         save_nifti(inverse.warped, moving_image.affine, stage("inverse_warped_fixed"))
         write_displacement_nifti(inverse.displacement, moving_image.affine, stage("inverse_displacement"))
         write_itk_displacement_transform(inverse.displacement, moving_image.affine, stage("inverse_transform"))
@@ -419,6 +601,10 @@ def write_registration(
                 "fixed_reoriented": codes["fixed"] != network_codes,
             },
             "masks": {"policy": model.masks, "moving": bool(masks[0]), "fixed": bool(masks[1])},
+            "mask_use": "restrict the similarity of instance optimisation (loss masking)" if pair.loss_masks is not None
+            else ("multiply the images" if any(masks) else None),
+            "modalities": dict(pair.modalities),
+            "segmentation_dice": _segmentation_dice(pair, forward, (io_report or {}).get("dice_weight", 0.0)) if segmentations else None,
             "device": str(run_device),
             "fixed_affine_ras": fixed_image.affine.tolist(),
             "moving_affine_ras": moving_image.affine.tolist(),
@@ -442,6 +628,8 @@ def write_registration(
                 "displacement": "u(x) = T(x) - x in mm at each fixed voxel; T maps fixed points to moving points; "
                 "NIfTI vectors in RAS (intent DISPVECT, ITK reads them as LPS); transform.h5 in ITK LPS",
                 "jacobian": "forward differences of the map on the network grid (voxel units); folds = det < 0",
+                "displacement_learn2reg": "u_vox(x) = index_fixed(T(x)) - x in voxels of the fixed grid, array (X, Y, Z, 3) "
+                "in the file's stored axis order (nibabel's), component c along voxel axis c; the fixed header",
             },
         }
         report["runtime_seconds"]["writing"] = time.perf_counter() - started
@@ -453,6 +641,64 @@ def write_registration(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return RegistrationOutputs(report=report, files=files, phi_AB=phi_AB, phi_BA=phi_BA)
+
+
+def _check_displacement_format(displacement_format: str) -> None:
+    if displacement_format not in DISPLACEMENT_FORMATS:
+        raise InputError(f"displacement format must be one of {list(DISPLACEMENT_FORMATS)}, got {displacement_format!r}.")
+
+
+def _segmentation_dice(pair: PreparedPair, forward: _Direction, dice_weight: float) -> dict:
+    """Dice per label (MONAI ``compute_dice``) of the moving segmentation on the fixed grid, unregistered and registered."""
+    moving_seg, fixed_seg = pair.segmentations
+    labels = pair.segmentation_labels
+    reference = fixed_seg.array[0].numpy()
+    before = label_dice(_resample_in_place(moving_seg, pair.fixed_image), reference, labels)
+    after = label_dice(forward.warped_segmentation, reference, labels)
+    return {
+        "measure": "Dice per label on the fixed grid: the moving segmentation (nearest neighbour) at the fixed voxels' "
+        "positions (before) and through the transform (after), against the fixed segmentation",
+        "labels": labels,
+        "before": {str(k): v for k, v in before.items()},
+        "after": {str(k): v for k, v in after.items()},
+        "mean_before": float(np.mean(list(before.values()))) if before else None,
+        "mean_after": float(np.mean(list(after.values()))) if after else None,
+        "dice_term_weight": float(dice_weight),
+        "dice_term": "in the instance-optimisation objective" if dice_weight > 0
+        else "not used: the segmentations are only scored (--dice-weight W > 0 with --io-steps N adds the Dice term)",
+    }
+
+
+def _check_options(io_steps, io_similarity, loss_masking, dice_weight, segmentations_given, displacement_format) -> None:
+    """Options that need instance optimisation, or each other; refused before anything is read."""
+    if int(io_steps) != io_steps or io_steps < 0:
+        raise InputError(f"io_steps must be a non-negative integer, got {io_steps!r}.")
+    _check_displacement_format(displacement_format)
+    if io_similarity is not None and io_similarity not in IO_SIMILARITIES:
+        raise InputError(f"the instance-optimisation similarity (--io-sim) must be one of {list(IO_SIMILARITIES)}, got {io_similarity!r}.")
+    if not dice_weight >= 0:
+        raise InputError(f"--dice-weight must be >= 0, got {dice_weight!r}.")
+    if dice_weight > 0 and segmentations_given != 2:
+        raise InputError("--dice-weight needs both --moving-segmentation and --fixed-segmentation.")
+    needs_io = [n for n, v in (("--io-sim", io_similarity is not None), ("--loss-masking", loss_masking), ("--dice-weight", dice_weight > 0)) if v]
+    if needs_io and io_steps == 0:
+        raise InputError(f"{' and '.join(needs_io)} act on instance optimisation: give --io-steps N > 0 (the reference uses 50).")
+
+
+def _io_similarity_name(model: RegistrationModel, name: str) -> str:
+    return {
+        "lncc": f"lncc: LNCC, 1 - mean(cc), Gaussian sigma {model.lncc_sigma}",
+        "lncc2": f"lncc2: squared LNCC, 1 - mean(cc^2), Gaussian sigma {model.lncc_sigma}",
+        "mind": "mind: MIND-SSC, radius 2, dilation 2",
+    }[name]
+
+
+def _check_windows(overrides: Mapping | None, modalities: dict) -> None:
+    """A CT window with no CT scan (or an MR quantile range with no MR scan) would be silently unused: refused."""
+    used = set(modalities.values())
+    for key, modality, option in (("ct_window", "ct", "--ct-window"), ("quantile_range", "mri", "--quantile-range")):
+        if key in (overrides or {}) and modality not in used:
+            raise InputError(f"{option} applies to {modality} scans, but the moving and fixed scans are {sorted(used)}.")
 
 
 def register(
@@ -472,6 +718,14 @@ def register(
     seed: int = 0,
     allow_untrained: bool = False,
     overrides: Mapping | None = None,
+    moving_modality: str | None = None,
+    fixed_modality: str | None = None,
+    io_similarity: str | None = None,
+    loss_masking: bool = False,
+    moving_segmentation: str | os.PathLike | None = None,
+    fixed_segmentation: str | os.PathLike | None = None,
+    dice_weight: float = 0.0,
+    displacement_format: str = "mm",
 ) -> RegistrationOutputs:
     """Register ``moving`` to ``fixed`` and write the results to ``out``.
 
@@ -492,7 +746,17 @@ def register(
         progress: show a progress bar during instance optimisation.
         seed: seeds the GradICON perturbation of instance optimisation.
         allow_untrained: run a bundle that has no weights file (the result is not a registration).
-        overrides: bundle config overrides (e.g. ``{"modality": "mri"}`` for uniGradICON).
+        overrides: bundle config overrides (e.g. ``{"modality": "mri"}`` for uniGradICON, ``{"ct_window": [-1000, 500]}``).
+        moving_modality: the moving scan's modality (``ct``/``mri`` for uni/multiGradICON); default: the bundle's.
+        fixed_modality: the fixed scan's modality.
+        io_similarity: ``L_sim`` of instance optimisation, ``lncc`` (default), ``lncc2`` or ``mind``
+            (:meth:`RegistrationModel.objective`); needs ``io_steps > 0``.
+        loss_masking: the masks restrict the similarity of instance optimisation (each direction inside its
+            target image's mask) instead of multiplying the images; needs both masks and ``io_steps > 0``.
+        moving_segmentation: label map on the moving grid: Dice per label in the report, and the Dice term.
+        fixed_segmentation: label map on the fixed grid, with the same labels.
+        dice_weight: weight of the Dice term of instance optimisation (needs both segmentations and ``io_steps > 0``).
+        displacement_format: ``"mm"``, or ``"learn2reg"`` to also write ``displacement_learn2reg.nii.gz``.
 
     Returns:
         :class:`RegistrationOutputs` (report, written files, network-grid maps).
@@ -503,8 +767,8 @@ def register(
             an output folder that cannot be written.
         MissingWeightsError: the bundle's weights file is missing (the message says where to get it).
     """
-    if int(io_steps) != io_steps or io_steps < 0:
-        raise InputError(f"io_steps must be a non-negative integer, got {io_steps!r}.")
+    segmentations_given = sum(bool(p) for p in (moving_segmentation, fixed_segmentation))
+    _check_options(io_steps, io_similarity, loss_masking, dice_weight, segmentations_given, displacement_format)
     if isinstance(bundle, RegistrationModel):
         given = [n for n, v in (("weights", weights), ("allow_untrained", allow_untrained), ("overrides", overrides)) if v]
         if given:
@@ -514,10 +778,15 @@ def register(
         model = load_registration_model(bundle, weights, device, allow_untrained=allow_untrained, overrides=overrides)
     tensors = list(model.network.parameters()) + list(model.network.buffers())
     run_device = tensors[0].device if tensors else torch.device("cpu")
-    pair = prepare_pair(model, moving, fixed, moving_labels, moving_mask, fixed_mask, run_device)
+    objective = model.objective(io_similarity or "lncc").to(run_device)
+    pair = prepare_pair(
+        model, moving, fixed, moving_labels, moving_mask, fixed_mask, run_device, moving_modality=moving_modality,
+        fixed_modality=fixed_modality, loss_masking=loss_masking, moving_segmentation=moving_segmentation,
+        fixed_segmentation=fixed_segmentation,
+    )
+    _check_windows(overrides, pair.modalities)
     _prepare_output_dir_check(out)
     started = time.perf_counter()
-    objective = model.objective().to(run_device)
     generator = torch.Generator().manual_seed(int(seed))
     objective.regularizer.generator = generator
     with torch.no_grad():
@@ -525,14 +794,29 @@ def register(
         phi_BA = model.deformation(pair.B, pair.A)
     io_report = None
     if io_steps > 0:
+        dice = None
+        if dice_weight > 0:
+            labels = pair.segmentation_labels
+            dice = DiceTerm(*(
+                network_one_hot(seg, geometry, labels, run_device)
+                for seg, geometry in zip(pair.segmentations, (pair.geometry_A, pair.geometry_B))
+            ))
         result = instance_optimize(
-            model.deformation, model.network, pair.A, pair.B, objective, int(io_steps), io_learning_rate, progress, generator
+            model.deformation, model.network, pair.A, pair.B, objective, int(io_steps), io_learning_rate, progress, generator,
+            masks=pair.loss_masks, dice=dice, dice_weight=dice_weight,
         )
         phi_AB, phi_BA = result.phi_AB, result.phi_BA
         io_report = {
             "steps": int(io_steps),
             "learning_rate": io_learning_rate,
+            "similarity": _io_similarity_name(model, io_similarity or "lncc"),
+            "loss_masking": bool(loss_masking),
+            "dice_weight": float(dice_weight),
             "objective_before": result.losses[0],
             "objective_after": result.final_loss,
+            "dice_loss_before": result.dice_losses[0] if result.dice_losses else None,
+            "dice_loss_after": result.dice_losses[-1] if result.dice_losses else None,
         }
-    return write_registration(model, pair, phi_AB, phi_BA, out, io_report, overview, time.perf_counter() - started)
+    return write_registration(
+        model, pair, phi_AB, phi_BA, out, io_report, overview, time.perf_counter() - started, displacement_format=displacement_format
+    )

@@ -3,6 +3,7 @@
 from .adaptive_ncc import SelfAdaptiveNCCLoss
 from .inverse_consistency import GradICONLoss, ICONLoss
 from .lncc import LNCCLoss
+from .mind import MINDSSCLoss
 from .ncc import NCCLoss
 from .objective import GradICONObjective, ObjectiveTerms
 
@@ -11,6 +12,7 @@ __all__ = [
     "ICONLoss",
     "NCCLoss",
     "LNCCLoss",
+    "MINDSSCLoss",
     "SelfAdaptiveNCCLoss",
     "GradICONObjective",
     "ObjectiveTerms",

@@ -14,6 +14,7 @@ from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
 from ..validation import check_spatial_dims
+from .masking import masked_mean
 from .ncc import check_similarity_inputs, reduce_batch
 
 __all__ = ["LNCCLoss", "gaussian_kernel1d", "gaussian_blur"]
@@ -98,15 +99,17 @@ class LNCCLoss(_Loss):
     def _blur(self, image: torch.Tensor) -> torch.Tensor:
         return gaussian_blur(image, 4 * self.sigma + 1, self.sigma)
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """
         Args:
             pred: warped moving image ``(B, C, *spatial)``.
             target: fixed image, same shape.
+            mask: optional mask of ``target`` ``(B, 1, *spatial)``: the mean is taken over its nonzero
+                voxels only (:func:`~monai_gradicon.losses.masking.masked_mean`; the reference's ``mask_B``).
 
         Returns:
-            ``1 − mean(cc)`` per sample (mean over channels and voxels; ``1 − mean(cc²)`` when
-            ``squared``), reduced over the batch as ``reduction`` says.
+            ``1 − mean(cc)`` per sample (mean over channels and voxels, or the voxels inside ``mask``;
+            ``1 − mean(cc²)`` when ``squared``), reduced over the batch as ``reduction`` says.
         """
         check_similarity_inputs(pred, target, self.spatial_dims)
         b = self._blur
@@ -117,4 +120,4 @@ class LNCCLoss(_Loss):
         cc = cross / torch.sqrt(var_i * var_j)
         if self.squared:
             cc = cc**2
-        return reduce_batch(1 - cc.flatten(1).mean(1), self.reduction)
+        return reduce_batch(1 - masked_mean(cc, mask), self.reduction)
