@@ -115,6 +115,37 @@ def test_each_scan_is_preprocessed_with_its_own_modality(setup):
     assert float((swapped.A - pair.A).abs().max()) > 0.2 and float((swapped.B - pair.B).abs().max()) > 0.2
 
 
+def test_a_datalist_entry_names_each_scans_modality_for_register_pairs(setup, tmp_path):
+    """``moving_modality``/``fixed_modality`` (or ``modality``) of a pair entry reach ``prepare_pair`` in batch registration.
+
+    The MR→CT pair through ``register_pairs`` equals ``register(..., moving_modality="mri", fixed_modality="ct")``;
+    the same entry without them (bundle default ct for both) differs; a contradiction is that pair's bad input.
+    """
+    from registration_helpers import read_field
+
+    from monai_gradicon.app import FailedPairsError, register, register_pairs
+
+    files = setup["files"]
+    model = _model(setup["bundle"])
+    entries = [
+        {"id": "per_scan", "moving": files["moving_mr"], "fixed": files["fixed_ct"], "moving_modality": "mri", "fixed_modality": "ct"},
+        {"id": "default", "moving": files["moving_mr"], "fixed": files["fixed_ct"]},
+        {"id": "contradiction", "moving": files["moving_mr"], "fixed": files["fixed_ct"], "modality": "ct", "moving_modality": "mri"},
+    ]
+    datalist = tmp_path / "pairs.json"
+    datalist.write_text(json.dumps({"testing": entries}))
+    with pytest.raises(FailedPairsError, match="contradiction.*moving_modality 'mri' contradicts modality 'ct'"):
+        register_pairs(model, str(datalist), str(tmp_path / "batch"), progress=False)
+    expected = register(files["moving_mr"], files["fixed_ct"], model, tmp_path / "alone", progress=False,
+                        moving_modality="mri", fixed_modality="ct")
+    ours = read_field(str(tmp_path / "batch" / "per_scan" / "displacement_mm.nii.gz"))
+    np.testing.assert_allclose(ours, read_field(expected.files["displacement"]), rtol=0, atol=1e-5)
+    default = read_field(str(tmp_path / "batch" / "default" / "displacement_mm.nii.gz"))
+    assert np.abs(default - ours).max() > 1e-3
+    report = json.loads((tmp_path / "batch" / "per_scan" / "report.json").read_text())
+    assert report["modalities"] == {"moving": "mri", "fixed": "ct"}
+
+
 def test_ct_window_and_quantile_range_on_the_command_line_equal_the_bundle_settings(setup, tmp_path, capsys):
     from monai_gradicon.app import register
     from monai_gradicon.app.cli import main

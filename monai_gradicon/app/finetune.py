@@ -13,20 +13,15 @@ released models were trained with (LNCC σ 5 + λ 1.5 sparse GradICON, paper Sec
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping
-
 import torch
 from torch import nn
 
-from ..transforms.datalist import PAIR_KEYS, load_pair_datalist
+from ..transforms.datalist import entry_modalities, load_pair_datalist
 from .errors import InputError, MissingWeightsError
 from .model import RegistrationModel
 from .register import prepare_pair
 
 __all__ = ["RegistrationPairDataset", "starting_network"]
-
-MODALITY_KEY = "modality"
 
 
 def starting_network(model: RegistrationModel) -> nn.Module:
@@ -57,13 +52,10 @@ class RegistrationPairDataset(torch.utils.data.Dataset):
     Args:
         model: the bundle's ``registration_model``; its mask policy applies (``"required"``: every entry needs
             ``moving_mask`` and ``fixed_mask``; ``"unused"``: none may have them).
-        datalist_file: the pair datalist (:func:`~monai_gradicon.transforms.load_pair_datalist`); an entry may
-            also name its ``modality``.
+        datalist_file: the pair datalist (:func:`~monai_gradicon.transforms.load_pair_datalist`); in a bundle
+            with several modalities (uniGradICON: ``ct``, ``mri``) an entry may name ``modality`` (both scans)
+            or ``moving_modality``/``fixed_modality``, else the bundle default applies.
         section: the datalist section.
-        scan_preprocessing_by_modality: ``{modality: scan preprocessing}`` of a bundle whose intensity
-            window depends on the modality (uniGradICON: ``ct``, ``mri``). An entry with ``modality`` is
-            preprocessed with that one, an entry without it with ``model``'s own (the bundle default).
-            ``None``: the bundle has one preprocessing, and an entry naming a modality is refused.
 
     Each item is ``{"image": (2C, *network_shape) float32 [moving, fixed], "id": str}``.
 
@@ -73,34 +65,30 @@ class RegistrationPairDataset(torch.utils.data.Dataset):
         FileNotFoundError / ValueError: from the datalist (naming file, section, entry and key).
     """
 
-    def __init__(
-        self,
-        model: RegistrationModel,
-        datalist_file: str,
-        section: str = "training",
-        scan_preprocessing_by_modality: Mapping[str, Callable] | None = None,
-    ) -> None:
+    def __init__(self, model: RegistrationModel, datalist_file: str, section: str = "training") -> None:
         required = ["moving", "fixed"] + (["moving_mask", "fixed_mask"] if model.masks == "required" else [])
-        self.entries = load_pair_datalist(datalist_file, section, required_keys=required, allowed_keys=PAIR_KEYS + (MODALITY_KEY,))
-        by_modality = dict(scan_preprocessing_by_modality or {})
-        self.models = {None: model}
-        self.models.update({m: dataclasses.replace(model, scan_preprocessing=p, weights=None, notes=[], device=None) for m, p in by_modality.items()})
+        self.model = model
+        self.entries = load_pair_datalist(datalist_file, section, required_keys=required)
+        self.modalities = []
         for index, entry in enumerate(self.entries):
             where = f"entry {index} of section '{section}' in {datalist_file}"
             if model.masks == "unused" and ("moving_mask" in entry or "fixed_mask" in entry):
                 raise InputError(f"{where} gives masks, but the {model.name!r} model does not use masks: remove moving_mask/fixed_mask.")
-            modality = entry.get(MODALITY_KEY)
-            if modality is not None and modality not in by_modality:
-                known = f"one of {sorted(by_modality)}" if by_modality else "none (this bundle has one preprocessing)"
-                raise InputError(f"{where} has modality {modality!r}; the {model.name!r} bundle knows {known}.")
+            modalities = entry_modalities(entry)
+            for modality in modalities:
+                if modality is not None and modality not in model.modalities:
+                    known = f"one of {list(model.modalities)}" if model.modalities else "none (this bundle has one preprocessing)"
+                    raise InputError(f"{where} has modality {modality!r}; the {model.name!r} bundle knows {known}.")
+            self.modalities.append(modalities)
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, index: int) -> dict:
         entry = self.entries[index]
+        moving_modality, fixed_modality = self.modalities[index]
         pair = prepare_pair(
-            self.models[entry.get(MODALITY_KEY)], entry["moving"], entry["fixed"],
-            moving_mask=entry.get("moving_mask"), fixed_mask=entry.get("fixed_mask"),
+            self.model, entry["moving"], entry["fixed"], moving_mask=entry.get("moving_mask"), fixed_mask=entry.get("fixed_mask"),
+            moving_modality=moving_modality, fixed_modality=fixed_modality,
         )
         return {"image": torch.cat([pair.A, pair.B], dim=1)[0], "id": str(entry.get("id", index))}

@@ -34,11 +34,11 @@ from monai.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..maps import Deformation
-from ..transforms.datalist import load_pair_datalist
+from ..transforms.datalist import entry_modalities, load_pair_datalist
 from .errors import USER_ERRORS, InputError
-from .instance_optimization import DEFAULT_IO_LEARNING_RATE, instance_optimize
+from .instance_optimization import DEFAULT_IO_LEARNING_RATE
 from .model import RegistrationModel
-from .register import PreparedPair, prepare_pair, write_registration
+from .register import PreparedPair, network_maps, prepare_pair, write_registration
 
 __all__ = ["register_pairs", "pair_name", "PreparedPairDataset", "PairItem", "collate_pair_items", "FailedPairsError", "SUMMARY_COLUMNS", "summary_table", "read_summary"]
 
@@ -104,9 +104,14 @@ class _Prepare:
     def __call__(self, item: dict) -> PairItem:
         entry = item["entry"]
         try:
+            try:
+                moving_modality, fixed_modality = entry_modalities(entry)
+            except ValueError as error:
+                raise InputError(str(error)) from None
             pair = prepare_pair(
                 self.model, entry["moving"], entry["fixed"], moving_labels=entry.get("moving_label"),
                 moving_mask=entry.get("moving_mask"), fixed_mask=entry.get("fixed_mask"), device="cpu",
+                moving_modality=moving_modality, fixed_modality=fixed_modality,
             )
         except USER_ERRORS as error:
             return PairItem(item["index"], item["id"], None, _one_line(error))
@@ -163,18 +168,6 @@ def _batch_maps(model: RegistrationModel, pairs: list[PreparedPair], device: tor
         phi_BA = model.deformation(B, A)
     count = len(pairs)
     return [(_pair_slice(phi_AB, i, count, model), _pair_slice(phi_BA, i, count, model)) for i in range(count)]
-
-
-def _optimized_maps(
-    model: RegistrationModel, pair: PreparedPair, device: torch.device, steps: int, learning_rate: float, seed: int
-) -> tuple[Deformation, Deformation, dict]:
-    """``(Φ_AB, Φ_BA, io report)`` after instance optimisation on this pair alone (paper Sec. 5.3), as ``register`` does."""
-    A, B = pair.A.to(device), pair.B.to(device)
-    generator = torch.Generator().manual_seed(int(seed))
-    objective = model.objective().to(device)
-    result = instance_optimize(model.deformation, model.network, A, B, objective, steps, learning_rate, False, generator)
-    report = {"steps": steps, "learning_rate": learning_rate, "objective_before": result.losses[0], "objective_after": result.final_loss}
-    return result.phi_AB, result.phi_BA, report
 
 
 def _summary_row(name: str, report: dict | None, error: str | None = None) -> dict:
@@ -321,7 +314,9 @@ def register_pairs(
                 continue
             started = time.perf_counter()
             if io_steps:
-                maps = [_optimized_maps(model, good[0].pair, device, io_steps, io_learning_rate, seed)]
+                pair = good[0].pair
+                pair.A, pair.B = pair.A.to(device), pair.B.to(device)
+                maps = [network_maps(model, pair, model.objective().to(device), io_steps, io_learning_rate, seed)]
             else:
                 maps = [(ab, ba, None) for ab, ba in _batch_maps(model, [item.pair for item in good], device)]
             network_seconds = (time.perf_counter() - started) / len(good)

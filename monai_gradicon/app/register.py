@@ -62,6 +62,7 @@ from .model import IO_SIMILARITIES, RegistrationModel, load_registration_model
 __all__ = [
     "register",
     "prepare_pair",
+    "network_maps",
     "write_registration",
     "PreparedPair",
     "RegistrationOutputs",
@@ -701,6 +702,66 @@ def _check_windows(overrides: Mapping | None, modalities: dict) -> None:
             raise InputError(f"{option} applies to {modality} scans, but the moving and fixed scans are {sorted(used)}.")
 
 
+def network_maps(
+    model: RegistrationModel,
+    pair: PreparedPair,
+    objective,
+    io_steps: int = 0,
+    io_learning_rate: float = DEFAULT_IO_LEARNING_RATE,
+    seed: int = 0,
+    progress: bool = False,
+    io_similarity: str | None = None,
+    loss_masking: bool = False,
+    dice_weight: float = 0.0,
+) -> tuple[Deformation, Deformation, dict | None]:
+    """``Φ_AB`` and ``Φ_BA`` of a prepared pair: the network's, or after instance optimisation on this pair (Sec. 5.3).
+
+    Args:
+        model: the registration model.
+        pair: the :class:`PreparedPair` (``A``, ``B`` on the network's device).
+        objective: ``model.objective(similarity)`` on that device (used with ``io_steps > 0``).
+        io_steps: instance-optimisation steps (0: the network's maps, no gradients).
+        io_learning_rate: Adam learning rate.
+        seed: seeds the GradICON perturbation of instance optimisation.
+        progress: progress bar over the steps.
+        io_similarity: the similarity's name for the report (``None``: lncc).
+        loss_masking: the pair's masks restrict the similarity (``pair.loss_masks``).
+        dice_weight: weight of the Dice term of the pair's segmentations (0: none).
+
+    Returns:
+        ``(Φ_AB, Φ_BA, instance-optimisation report or None)``.
+    """
+    if io_steps == 0:
+        with torch.no_grad():
+            return model.deformation(pair.A, pair.B), model.deformation(pair.B, pair.A), None
+    device = pair.A.device
+    generator = torch.Generator().manual_seed(int(seed))
+    objective.regularizer.generator = generator
+    dice = None
+    if dice_weight > 0:
+        labels = pair.segmentation_labels
+        dice = DiceTerm(*(
+            network_one_hot(seg, geometry, labels, device)
+            for seg, geometry in zip(pair.segmentations, (pair.geometry_A, pair.geometry_B))
+        ))
+    result = instance_optimize(
+        model.deformation, model.network, pair.A, pair.B, objective, int(io_steps), io_learning_rate, progress, generator,
+        masks=pair.loss_masks, dice=dice, dice_weight=dice_weight,
+    )
+    io_report = {
+        "steps": int(io_steps),
+        "learning_rate": io_learning_rate,
+        "similarity": _io_similarity_name(model, io_similarity or "lncc"),
+        "loss_masking": bool(loss_masking),
+        "dice_weight": float(dice_weight),
+        "objective_before": result.losses[0],
+        "objective_after": result.final_loss,
+        "dice_loss_before": result.dice_losses[0] if result.dice_losses else None,
+        "dice_loss_after": result.dice_losses[-1] if result.dice_losses else None,
+    }
+    return result.phi_AB, result.phi_BA, io_report
+
+
 def register(
     moving: str | os.PathLike,
     fixed: str | os.PathLike,
@@ -787,36 +848,9 @@ def register(
     _check_windows(overrides, pair.modalities)
     _prepare_output_dir_check(out)
     started = time.perf_counter()
-    generator = torch.Generator().manual_seed(int(seed))
-    objective.regularizer.generator = generator
-    with torch.no_grad():
-        phi_AB = model.deformation(pair.A, pair.B)
-        phi_BA = model.deformation(pair.B, pair.A)
-    io_report = None
-    if io_steps > 0:
-        dice = None
-        if dice_weight > 0:
-            labels = pair.segmentation_labels
-            dice = DiceTerm(*(
-                network_one_hot(seg, geometry, labels, run_device)
-                for seg, geometry in zip(pair.segmentations, (pair.geometry_A, pair.geometry_B))
-            ))
-        result = instance_optimize(
-            model.deformation, model.network, pair.A, pair.B, objective, int(io_steps), io_learning_rate, progress, generator,
-            masks=pair.loss_masks, dice=dice, dice_weight=dice_weight,
-        )
-        phi_AB, phi_BA = result.phi_AB, result.phi_BA
-        io_report = {
-            "steps": int(io_steps),
-            "learning_rate": io_learning_rate,
-            "similarity": _io_similarity_name(model, io_similarity or "lncc"),
-            "loss_masking": bool(loss_masking),
-            "dice_weight": float(dice_weight),
-            "objective_before": result.losses[0],
-            "objective_after": result.final_loss,
-            "dice_loss_before": result.dice_losses[0] if result.dice_losses else None,
-            "dice_loss_after": result.dice_losses[-1] if result.dice_losses else None,
-        }
+    phi_AB, phi_BA, io_report = network_maps(
+        model, pair, objective, io_steps, io_learning_rate, seed, progress, io_similarity, loss_masking, dice_weight
+    )
     return write_registration(
         model, pair, phi_AB, phi_BA, out, io_report, overview, time.perf_counter() - started, displacement_format=displacement_format
     )

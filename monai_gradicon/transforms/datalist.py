@@ -16,17 +16,41 @@ import json
 import os
 from collections.abc import Sequence
 
-__all__ = ["load_pair_datalist", "PAIR_KEYS"]
+__all__ = ["load_pair_datalist", "PAIR_KEYS", "entry_modalities"]
 
 #: keys a pair entry may have: images, label maps, masks (for models that use them), landmark files, a
-#: free-text id, and for evaluation an existing ``register`` output folder and the DirLab landmark spacing.
+#: free-text id, the scans' modalities (bundles with several: ``modality`` for both, or one per scan), and for
+#: evaluation an existing ``register`` output folder and the DirLab landmark spacing.
 PAIR_KEYS = (
     "moving", "fixed", "moving_label", "fixed_label", "moving_mask", "fixed_mask", "moving_landmarks", "fixed_landmarks",
-    "id", "registration", "landmark_spacing",
+    "id", "modality", "moving_modality", "fixed_modality", "registration", "landmark_spacing",
 )
 
-#: keys whose string values are text, not file names (``modality``: in fine-tuning datalists of bundles with several).
-TEXT_KEYS = ("id", "modality")
+#: keys whose string values are text, not file names.
+TEXT_KEYS = ("id", "modality", "moving_modality", "fixed_modality")
+
+
+def entry_modalities(entry: dict) -> tuple[str | None, str | None]:
+    """The moving and fixed scans' modalities a pair entry names (``None``: the bundle default).
+
+    Args:
+        entry: a datalist entry; ``modality`` applies to both scans, ``moving_modality``/``fixed_modality``
+            to one (they must agree with ``modality`` when both are given).
+
+    Returns:
+        ``(moving modality, fixed modality)``.
+
+    Raises:
+        ValueError: a per-scan modality that contradicts ``modality``.
+    """
+    both = entry.get("modality")
+    chosen = []
+    for role in ("moving", "fixed"):
+        own = entry.get(f"{role}_modality")
+        if own is not None and both is not None and own != both:
+            raise ValueError(f"pair entry {entry.get('id', '')!r}: {role}_modality {own!r} contradicts modality {both!r}.")
+        chosen.append(own if own is not None else both)
+    return chosen[0], chosen[1]
 
 
 def load_pair_datalist(
