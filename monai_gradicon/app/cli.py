@@ -172,7 +172,7 @@ class Commands:
 
         Args:
             pairs: pair datalist (JSON, the bundles' datalist format: moving, fixed, optional moving_label,
-                moving_mask, fixed_mask, id).
+                moving_mask, fixed_mask, id, and for uni/multiGradICON modality or moving_modality/fixed_modality).
             out: output folder.
             bundle: knee | lung | brain | unigradicon | multigradicon | path to a bundle directory.
             weights: weights file (bundle model.pt or the authors' .trch) overriding the bundle's.
