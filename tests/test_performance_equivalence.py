@@ -66,8 +66,8 @@ def _assert_grads_close(expected: dict, actual: dict, rtol: float) -> None:
 def test_batch_norm_folding_equals_eager_eval(spatial_dims):
     net = _unet(spatial_dims, channels_last=False).eval()
     a, b = _pair(spatial_dims)
-    folded = net(a, b)  # eval mode: folded path
     with torch.no_grad():
+        folded = net(a, b)  # eval mode, no gradients: the folded path
         expected = _eager_eval(net, torch.cat([a, b], 1))
     assert folded.abs().max() > 1e-3  # a real displacement, not the zero identity
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-6)
@@ -111,6 +111,21 @@ def test_channels_last_equals_default_layout(spatial_dims, training):
         _assert_grads_close(_grads(default), _grads(fast), 1e-5)
         for b1, b2 in zip(default.buffers(), fast.buffers()):
             torch.testing.assert_close(b2, b1, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_channels_last_by_default_only_in_inference(spatial_dims):
+    net = _unet(spatial_dims, None).eval()
+    formats = []
+    net.down_convs[1].register_forward_hook(
+        lambda m, inputs, out: formats.append(inputs[0].is_contiguous(memory_format=(torch.channels_last, torch.channels_last_3d)[spatial_dims - 2]))
+    )
+    a, b = _pair(spatial_dims)
+    with torch.no_grad():
+        fast = net(a, b)
+    slow = net(a, b)  # gradients recorded (instance optimisation): the reference's layout and rounding
+    assert formats == [True, False]
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-6)
 
 
 def _multistep(spatial_dims: int, checkpoint: bool) -> torch.nn.Module:
@@ -249,3 +264,34 @@ def test_resample_writes_the_exact_composition_channel_first(align_corners):
     exact_warped = register_module.sample_at_voxel_indices(target.array[None], exact_index, "bilinear")[0]
     np.testing.assert_array_equal(out.warped, exact_warped.reshape(image_shape).numpy())
     assert set(np.unique(out.warped_labels)) <= {0.0, 1.0, 2.0, 3.0}
+
+
+_FIGURE = r"^[a-z0-9_]+: ours=[0-9.]+ reference=[0-9.]+ ratio=[0-9.]+$"
+
+
+@pytest.mark.parametrize(
+    "script,options,figures",
+    [
+        ("benchmark_reference.py", ["--quick", "--repeats", "1"], ["gradicon_loss_ddf_input_fwd_bwd_24_peak_mib", "knee_4step_forward_flop_floor_ratio"]),
+        ("benchmark_training.py", ["--quick", "--no-peak"], ["knee_4step_train_iteration_17x17x17", "knee_4step_train_iteration_17x17x17_channels_last"]),
+    ],
+)
+def test_benchmark_scripts_quick_variant_prints_one_line_per_figure(script, options, figures):
+    """Smoke test of the benchmark scripts (not timed): ``<figure>: ours=<v> reference=<v> ratio=<ours/reference>``."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), PYTHONWARNINGS="ignore")
+    done = subprocess.run(
+        [sys.executable, str(root / "scripts" / script), *options], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = {line.split(":")[0]: line for line in done.stdout.splitlines() if re.match(_FIGURE, line)}
+    for figure in figures:
+        assert figure in lines, done.stdout
+        values = dict(part.split("=") for part in lines[figure].split(": ")[1].split())
+        assert float(values["ratio"]) == pytest.approx(float(values["ours"]) / float(values["reference"]), rel=0.1, abs=0.01)  # printed values are rounded
