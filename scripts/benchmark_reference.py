@@ -11,9 +11,14 @@ Figures (CPU, same inputs and weights for both):
 
 Each figure prints ``<figure>: ours=<value> reference=<value> ratio=<ours/reference>`` for seconds and
 for peak memory (resident-set growth, MiB; Linux VmHWM reset through /proc/self/clear_refs, glibc's
-mmap threshold fixed so freed tensors leave the resident set), then a table.
+mmap threshold fixed so freed tensors leave the resident set), then
+``knee_4step_forward_flop_floor_ratio: ours=<s> reference=<floor s> ratio=<...>``: the floor is the
+network's FLOPs (``torch.utils.flop_counter``) at this CPU's measured float32 matmul rate (2048² GEMM,
+same threads), then a table and the load average.
 
     python scripts/benchmark_reference.py [--repeats 3] [--threads 2] [--quick]
+
+About 2 minutes on an idle 2-core CPU (``--quick``: seconds).
 """
 
 from __future__ import annotations
@@ -145,6 +150,29 @@ def bench_network(shape, repeats: int):
     return measure(run_ours, run_reference, repeats)
 
 
+def matmul_gflops(repeats: int = 5, n: int = 2048) -> float:
+    """This CPU's float32 GEMM rate (GFLOP/s) at the current thread count: best of ``repeats``."""
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def forward_gflop(shape) -> float:
+    """FLOPs (GFLOP) of one 4-step knee network forward at ``(1, 1, *shape)`` (convolutions and matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = four_step_network(3).eval()
+    a = torch.rand((1, 1, *shape))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(a, a)
+    return counter.get_total_flops() / 1e9
+
+
 def main() -> None:
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         # Fixed mmap threshold: freed tensors go back to the OS, so resident-set growth tracks live memory.
@@ -166,7 +194,12 @@ def main() -> None:
     for name, t_o, t_r, m_o, m_r in rows:
         print(f"{name}_seconds: ours={t_o:.4f} reference={t_r:.4f} ratio={t_o / t_r:.3f}")
         print(f"{name}_peak_mib: ours={m_o:.1f} reference={m_r:.1f} ratio={m_o / max(m_r, 1e-9):.3f}")
+    gflop, rate = forward_gflop(net_shape), matmul_gflops()
+    floor = gflop / rate
+    forward_seconds = rows[-1][1]
+    print(f"knee_4step_forward_flop_floor_ratio: ours={forward_seconds:.4f} reference={floor:.4f} ratio={forward_seconds / floor:.3f}")
     print()
+    print(f"forward {gflop:.1f} GFLOP, float32 GEMM {rate:.1f} GFLOP/s -> floor {floor:.3f} s; load average {os.getloadavg()}")
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats} after a warm-up")
     print(f"{'figure':<40} {'ours s':>9} {'ref s':>9} {'time ratio':>10} {'ours MiB':>9} {'ref MiB':>9} {'mem ratio':>9}")
     for name, t_o, t_r, m_o, m_r in rows:

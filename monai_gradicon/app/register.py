@@ -118,8 +118,7 @@ def physical_transform(
     Returns:
         ``(target voxel indices (P, D), displacement in RAS mm (P, D))``.
     """
-    ref = phi.fields[0]
-    unit = source.index_to_unit(index).to(ref.dtype)
+    unit = source.index_to_unit(index).to(phi.dtype)
     with torch.no_grad():
         mapped = phi(unit)
     target_index = target.unit_to_index(mapped.to(torch.float64))
@@ -147,14 +146,17 @@ def _resample_direction(
     labels: PhysicalImage | None,
     segmentation: PhysicalImage | None = None,
 ) -> _Direction:
+    """Every ``source`` voxel through the exact composed ``phi``: displacement (RAS mm, written channel
+    first), warped ``target`` (and ``labels``)."""
     shape = source.spatial_shape
     dims = len(shape)
-    device = phi.fields[0].device
+    device = phi.device
     target_image = target.array[None].to(device)
     maps = [m.array[None].to(device) if m is not None else None for m in (labels, segmentation)]
-    displacement = np.empty((int(np.prod(shape)), dims), np.float32)
-    warped = np.empty(int(np.prod(shape)), np.float32)
-    warped_maps = [np.empty(int(np.prod(shape)), np.float32) if m is not None else None for m in maps]
+    points = int(np.prod(shape))
+    displacement = np.empty((dims, points), np.float32)  # channel first: the (D, *S) output without a copy
+    warped = np.empty(points, np.float32)
+    warped_maps = [np.empty(points, np.float32) if m is not None else None for m in maps]
     per_slab = max(1, int(np.prod(shape[1:])))
     step = max(1, _CHUNK_POINTS // per_slab)
     for start in range(0, shape[0], step):
@@ -162,14 +164,14 @@ def _resample_direction(
         index = _voxel_indices(shape, start, stop, device)
         target_index, mm = physical_transform(phi, source_geometry, target_geometry, source.affine, target.affine, index)
         rows = slice(start * per_slab, stop * per_slab)
-        displacement[rows] = mm.numpy()
+        displacement[:, rows] = mm.T.numpy()
         warped[rows] = sample_at_voxel_indices(target_image, target_index, "bilinear")[0].cpu().numpy()
         for label_image, out in zip(maps, warped_maps):
             if label_image is not None:
                 out[rows] = sample_at_voxel_indices(label_image, target_index, "nearest")[0].cpu().numpy()
     warped_labels, warped_segmentation = (m.reshape(shape) if m is not None else None for m in warped_maps)
     return _Direction(
-        displacement=np.moveaxis(displacement.reshape(*shape, dims), -1, 0),
+        displacement=displacement.reshape(dims, *shape),
         warped=warped.reshape(shape),
         warped_labels=warped_labels,
         warped_segmentation=warped_segmentation,

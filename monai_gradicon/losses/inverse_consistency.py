@@ -170,9 +170,8 @@ class GradICONLoss(_InverseConsistencyBase):
             the regulariser, reduced over the batch as ``reduction`` says.
         """
         ab, ba = self._pair(phi_AB, phi_BA)
-        ref = ab.fields[0]
         shape = ab.spatial_shape
-        x = perturbed_identity(shape, ref.dtype, ref.device, 2.0 if self.sparse else 1.0, noise, self.generator)
+        x = perturbed_identity(shape, ab.dtype, ab.device, 2.0 if self.sparse else 1.0, noise, self.generator)
         if self.sparse:
             x = x[(slice(None), slice(None)) + (slice(None, None, 2),) * self.spatial_dims]
         # E(x) = x − Φ_AB(Φ_BA(x)) at x and at x + δ e_k, one direction at a time so that only one set of
@@ -217,7 +216,6 @@ class ICONLoss(_InverseConsistencyBase):
             and points, [0, 1] units), reduced over the batch as ``reduction`` says.
         """
         ab, ba = self._pair(phi_AB, phi_BA)
-        ref = ab.fields[0]
-        x = perturbed_identity(ab.spatial_shape, ref.dtype, ref.device, 1.0, noise, self.generator)
+        x = perturbed_identity(ab.spatial_shape, ab.dtype, ab.device, 1.0, noise, self.generator)
         per_sample = _per_sample_mean((x - ab(ba(x))) ** 2) + _per_sample_mean((x - ba(ab(x))) ** 2)
         return self._reduce(per_sample)

@@ -35,7 +35,8 @@ class Deformation:
         dims = {int(f.shape[1]) for f in fields} | {f.ndim - 2 for f in fields}  # int(): traced shapes are tensors
         if len(dims) != 1:
             raise ValueError(f"all fields must be (B, D, *spatial) with D spatial axes, got {[tuple(f.shape) for f in fields]}.")
-        self.fields = list(fields)
+        # (field, divisor): u_k = field / divisor, divisor None for a field given in [0, 1] units
+        self._terms: list[tuple[torch.Tensor, torch.Tensor | None]] = [(f, None) for f in fields]
         self.spatial_shape = tuple(int(n) for n in (spatial_shape or fields[0].shape[2:]))
         if len(self.spatial_shape) != fields[0].shape[1]:
             raise ValueError(f"spatial_shape must have {fields[0].shape[1]} entries, got {self.spatial_shape}.")
@@ -44,6 +45,9 @@ class Deformation:
     def from_ddf(cls, ddf: torch.Tensor) -> "Deformation":
         """Wrap a MONAI DDF (voxel units) as a one-field deformation.
 
+        The field is kept in voxel units and each interpolated value is divided by ``N_k - 1`` (per
+        axis) as it is used, so no [0, 1]-unit copy of the DDF is stored (nor kept for backward).
+
         Args:
             ddf: MONAI DDF ``(B, D, *spatial)`` in voxel units.
 
@@ -51,17 +55,38 @@ class Deformation:
             a :class:`Deformation` with the single field ``ddf / (N_k - 1)`` (per axis, [0, 1] units)
             on the grid of ``ddf``.
         """
-        return cls([ddf / _voxel_scale(ddf.shape[2:], ddf)])
+        phi = cls([ddf])
+        phi._terms = [(ddf, _voxel_scale(ddf.shape[2:], ddf))]
+        return phi
+
+    @property
+    def fields(self) -> list[torch.Tensor]:
+        """The displacement fields ``u_k`` in [0, 1] units, in the order they are applied.
+
+        Returns:
+            one ``(B, D, *S_k)`` tensor per field (a DDF given to :meth:`from_ddf` is divided on access).
+        """
+        return [f if d is None else f / d for f, d in self._terms]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the first field (and of the points :meth:`map` samples)."""
+        return self._terms[0][0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the first field."""
+        return self._terms[0][0].device
 
     @property
     def spatial_dims(self) -> int:
         """Number of spatial axes ``D``."""
-        return self.fields[0].shape[1]
+        return self._terms[0][0].shape[1]
 
     @property
     def batch_size(self) -> int:
         """Largest batch size among the fields (the others are 1 and broadcast)."""
-        return max(f.shape[0] for f in self.fields)
+        return max(f.shape[0] for f, _ in self._terms)
 
     def __call__(self, coords: torch.Tensor, is_identity: bool = False) -> torch.Tensor:
         """Map points ``coords`` ``(B', D, *S')`` in [0, 1] coordinates to ``Φ(coords)``.
@@ -78,13 +103,16 @@ class Deformation:
             ``Φ(coords)`` ``(max(B', batch), D, *S')`` in [0, 1] coordinates, always a new tensor.
         """
         out = coords
-        for k, field in enumerate(self.fields):
+        for k, (field, divisor) in enumerate(self._terms):
             if k == 0 and is_identity and coords.shape == field.shape:
-                out = out + field
+                out = out + (field if divisor is None else field / divisor)
             else:
-                # the interpolated values are a fresh tensor that autograd does not keep: add into it
-                # (x + u == u + x exactly, so this is the reference's sum, with one buffer fewer)
-                out = sample(field, out).add_(out)
+                # the interpolated values are a fresh tensor that autograd does not keep: scale and add into
+                # it (x + u == u + x exactly, so this is the reference's sum, with one buffer fewer)
+                values = sample(field, out)
+                if divisor is not None:
+                    values = values.div_(divisor)
+                out = values.add_(out)
         return out
 
     def compose(self, inner: "Deformation") -> "Deformation":
@@ -96,7 +124,9 @@ class Deformation:
         Returns:
             a new :class:`Deformation` with ``inner.fields + self.fields``.
         """
-        return Deformation(inner.fields + self.fields, inner.spatial_shape)
+        composed = Deformation([f for f, _ in inner._terms + self._terms], inner.spatial_shape)
+        composed._terms = inner._terms + self._terms
+        return composed
 
     def map(self, spatial_shape: Sequence[int] | None = None) -> torch.Tensor:
         """``Φ(id)`` on the identity grid of ``spatial_shape`` (default: :attr:`spatial_shape`).
@@ -108,8 +138,7 @@ class Deformation:
             ``(B', D, *shape)`` in [0, 1] coordinates, ``B'`` the fields' batch size (1 if every field
             has batch 1).
         """
-        ref = self.fields[0]
-        grid = shared_identity_grid(spatial_shape or self.spatial_shape, ref.dtype, ref.device)
+        grid = shared_identity_grid(spatial_shape or self.spatial_shape, self.dtype, self.device)
         return self(grid, is_identity=True)
 
     def ddf(self, spatial_shape: Sequence[int] | None = None) -> torch.Tensor:
@@ -122,12 +151,11 @@ class Deformation:
             ``(batch_size, D, *shape)`` in voxel units of that grid, ``Warp()(moving, ddf) ≈ fixed``.
         """
         spatial_shape = tuple(spatial_shape or self.spatial_shape)
-        ref = self.fields[0]
-        grid = shared_identity_grid(spatial_shape, ref.dtype, ref.device)
+        grid = shared_identity_grid(spatial_shape, self.dtype, self.device)
         phi = self(grid, is_identity=True)  # a fresh tensor
         if phi.shape[0] != self.batch_size:
             phi = phi.expand(self.batch_size, *phi.shape[1:])
         scale = _voxel_scale(spatial_shape, phi)
-        if not torch.is_grad_enabled() and phi.shape[0] == self.fields[0].shape[0] == self.batch_size:
+        if not torch.is_grad_enabled() and phi.shape[0] == self._terms[0][0].shape[0] == self.batch_size:
             return phi.sub_(grid).mul_(scale)  # not expanded, no graph: reuse its buffer
         return (phi - grid) * scale

@@ -75,6 +75,8 @@ def multistep_network(
     levels: Sequence[int] = (2, 1, 0, 0),
     in_channels: int = 1,
     subnetwork: Callable[[], nn.Module] | None = None,
+    checkpoint_activations: bool = False,
+    autocast_dtype: str | None = None,
 ) -> MultiStepRegistrationNet:
     """Build the P-step network of Eq. 6: ``P = len(levels)`` sub-networks, coarse to fine.
 
@@ -90,6 +92,11 @@ def multistep_network(
         in_channels: channels of each input image.
         subnetwork: factory for each step's network ``(moving, fixed) -> displacement in [0, 1] units``;
             default :class:`GradICONUNet` (the reference ``tallUNet2``).
+        checkpoint_activations: recompute each sub-network's activations in the backward pass instead
+            of keeping them (activation checkpointing per U-Net; see :class:`DisplacementStep`): training
+            memory of about one sub-network instead of ``P``, for one more forward of each.
+        autocast_dtype: ``None``, ``"float16"`` or ``"bfloat16"``: mixed precision inside each
+            sub-network only (:class:`DisplacementStep`); meant for CUDA.
 
     Returns:
         the :class:`MultiStepRegistrationNet`; its :attr:`~MultiStepRegistrationNet.min_size` is the
@@ -109,13 +116,18 @@ def multistep_network(
             step = DownsampleStep(step, spatial_dims)
         return step
 
-    root: nn.Module = DisplacementStep(make())
+    def estimate() -> DisplacementStep:
+        return DisplacementStep(make(), checkpoint_activations, autocast_dtype)
+
+    root: nn.Module = estimate()
     for previous, level in zip(levels, levels[1:]):
-        root = CompositionStep(downsampled(root, previous - level), DisplacementStep(make()))
+        root = CompositionStep(downsampled(root, previous - level), estimate())
     return MultiStepRegistrationNet(downsampled(root, levels[-1]), spatial_dims, in_channels)
 
 
-def four_step_network(spatial_dims: int = 3, include_last_step: bool = True) -> MultiStepRegistrationNet:
+def four_step_network(
+    spatial_dims: int = 3, include_last_step: bool = True, checkpoint_activations: bool = False
+) -> MultiStepRegistrationNet:
     """The layout of the released knee (Sec. A.2), lung (Sec. A.3), brain and uniGradICON models.
 
     Quarter-, half- and full-resolution U-Nets, plus a second full-resolution U-Net when
@@ -126,9 +138,11 @@ def four_step_network(spatial_dims: int = 3, include_last_step: bool = True) -> 
     Args:
         spatial_dims: 2 or 3 (the released models are 3D).
         include_last_step: add the second full-resolution U-Net (levels ``(2, 1, 0, 0)``; else ``(2, 1, 0)``).
+        checkpoint_activations: activation checkpointing per U-Net (see :func:`multistep_network`).
 
     Returns:
         the :class:`MultiStepRegistrationNet`, with the state-dict layout of the released weights
         (when ``include_last_step`` and ``spatial_dims=3``).
     """
-    return multistep_network(spatial_dims, (2, 1, 0, 0) if include_last_step else (2, 1, 0))
+    levels = (2, 1, 0, 0) if include_last_step else (2, 1, 0)
+    return multistep_network(spatial_dims, levels, checkpoint_activations=checkpoint_activations)

@@ -13,13 +13,38 @@ resolution it ran at):
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..maps import Deformation, sample, shared_identity_grid
 
 __all__ = ["DisplacementStep", "DownsampleStep", "CompositionStep", "step_min_size"]
+
+AUTOCAST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def _batch_norm_stats_frozen(module: nn.Module):
+    """BatchNorm as in the forward pass, running statistics left as they are (for a checkpoint's recomputation).
+
+    A running-average factor of 0 keeps each statistic (``(1 − 0)·r + 0·b == r`` exactly) while the
+    layer still records the same tensors for backward; the batch counter is put back afterwards.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
 
 
 class DisplacementStep(nn.Module):
@@ -30,11 +55,31 @@ class DisplacementStep(nn.Module):
     Args:
         net: the sub-network ``(moving, fixed) -> u`` (e.g. :class:`~monai_gradicon.networks.GradICONUNet`);
             ``u`` must have the batch and spatial shape of ``moving``.
+        checkpoint_activations: when gradients are recorded, keep only the inputs of ``net`` and
+            recompute its activations in the backward pass (``torch.utils.checkpoint``, non-reentrant):
+            less memory for one more forward. The recomputation leaves BatchNorm running statistics
+            alone, so they are updated once per step as without checkpointing.
+        autocast_dtype: ``None`` (float32), or ``"float16"``/``"bfloat16"`` to run ``net`` under
+            ``torch.autocast`` on the input's device (mixed precision, meant for CUDA); ``u`` is cast back
+            to the input dtype, so maps, composition and losses stay in full precision.
     """
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, checkpoint_activations: bool = False, autocast_dtype: str | None = None) -> None:
         super().__init__()
+        if autocast_dtype is not None and autocast_dtype not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast_dtype must be None or one of {sorted(AUTOCAST_DTYPES)}, got {autocast_dtype!r}.")
         self.net = net
+        self.checkpoint_activations = bool(checkpoint_activations)
+        self.autocast_dtype = autocast_dtype
+
+    def _run(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        if self.autocast_dtype is None:
+            return self.net(moving, fixed)
+        with torch.autocast(moving.device.type, dtype=AUTOCAST_DTYPES[self.autocast_dtype]):
+            return self.net(moving, fixed).to(moving.dtype)
+
+    def _recompute_contexts(self):
+        return contextlib.nullcontext(), _batch_norm_stats_frozen(self.net)
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> Deformation:
         """
@@ -48,7 +93,10 @@ class DisplacementStep(nn.Module):
         Raises:
             ValueError: ``net`` returned a displacement of the wrong batch or spatial shape.
         """
-        displacement = self.net(moving, fixed)
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            displacement = checkpoint(self._run, moving, fixed, use_reentrant=False, context_fn=self._recompute_contexts)
+        else:
+            displacement = self._run(moving, fixed)
         if displacement.shape[0] != moving.shape[0] or displacement.shape[2:] != moving.shape[2:]:
             raise ValueError(
                 f"the sub-network must return a displacement of shape (B, D, *spatial) = "

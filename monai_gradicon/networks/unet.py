@@ -42,8 +42,19 @@ class GradICONUNet(nn.Module):
         down_channels: encoder widths (reference: 16, 32, 64, 256, 512).
         up_channels: decoder widths, same length (reference: 16, 32, 64, 128, 256).
 
+        channels_last: run the convolutions in the channels-last memory format (``channels_last_3d`` in
+            3D), which oneDNN convolves about 2x faster on CPU; same values to float rounding. ``None``
+            (default): only where no gradient is recorded (inference), so that training and instance
+            optimisation round exactly as the reference (Adam turns rounding noise of near-zero gradients
+            into full steps); ``True``: also when training; ``False``: never.
+
     In 3D every spatial axis must be >= 17 (the fifth pooling needs at least 2 voxels, as in the
     reference); :attr:`min_size` tells the limit.
+
+    In inference (eval mode, no gradients recorded) each BatchNorm is folded into the transposed convolution before it (and the final
+    ``/ 10`` into the last convolution): ``BN(ConvT(a) + up(b)) = ConvT'(a) + up(s·b)`` with
+    ``s = γ / sqrt(σ² + ε)``, ``ConvT'`` the convolution with weights scaled by ``s`` and bias
+    ``s·(bias − μ) + β``. One full-size pass fewer per decoder level; same values to float rounding.
     """
 
     def __init__(
@@ -52,6 +63,7 @@ class GradICONUNet(nn.Module):
         in_channels: int = 1,
         down_channels: Sequence[int] = (16, 32, 64, 256, 512),
         up_channels: Sequence[int] = (16, 32, 64, 128, 256),
+        channels_last: bool | None = None,
     ) -> None:
         super().__init__()
         self.spatial_dims = check_spatial_dims(spatial_dims)
@@ -78,6 +90,9 @@ class GradICONUNet(nn.Module):
         nn.init.zeros_(self.last_conv.bias)
         self._pool = (F.avg_pool2d, F.avg_pool3d)[spatial_dims - 2]
         self._upsample_mode = ("bilinear", "trilinear")[spatial_dims - 2]
+        self._conv_t = (F.conv_transpose2d, F.conv_transpose3d)[spatial_dims - 2]
+        self._conv = (F.conv2d, F.conv3d)[spatial_dims - 2]
+        self.channels_last = None if channels_last is None else bool(channels_last)
         # 3D avg_pool rejects a size-1 input: the input to the last pooling must have >= 2 voxels.
         self.min_size = 2 ** (self.num_layers - 1) + 1 if spatial_dims == 3 else 1
 
@@ -92,19 +107,49 @@ class GradICONUNet(nn.Module):
             the displacement ``u`` ``(B, D, *spatial)`` in [0, 1] units, channel ``k`` along spatial
             axis ``k`` (all zeros before training).
         """
-        x = torch.cat([moving, fixed], dim=1)
+        cl = self.channels_last if self.channels_last is not None else not torch.is_grad_enabled()
+        x = self._layout(torch.cat([moving, fixed], dim=1), cl)
         skips = []
         for conv in self.down_convs:
             skips.append(x)
             y = conv(F.leaky_relu(x))
-            x = y + _match_channels(self._pool(x, 2, ceil_mode=True), y.shape[1])
+            pooled = self._pool(x, 2, ceil_mode=True)[:, : y.shape[1]]
+            # the residual, channels zero-padded at the front: add into the fresh convolution output
+            y[:, y.shape[1] - pooled.shape[1] :] += pooled
+            x = y
+        fold = not self.training and not torch.is_grad_enabled()  # inference: no weight gradients to keep
         for depth in reversed(range(self.num_layers)):
-            y = self.up_convs[depth](F.leaky_relu(x))
-            x = y + F.interpolate(
-                _match_channels(x, y.shape[1]), scale_factor=2, mode=self._upsample_mode, align_corners=False
-            )
-            x = self.batch_norms[depth](x)
+            x = self._up(depth, x, fold, cl)
             skip = skips[depth]
             x = x[(slice(None), slice(None)) + tuple(slice(0, n) for n in skip.shape[2:])]
-            x = torch.cat([x, skip], dim=1)
-        return self.last_conv(x) / 10
+            x = self._layout(torch.cat([x, skip], dim=1), cl)  # the cropped part would leave the layout
+        if fold:
+            out = self._conv(x, self.last_conv.weight / 10, self.last_conv.bias / 10, padding=1)
+        else:
+            out = self.last_conv(x) / 10
+        return out.contiguous()
+
+    def _layout(self, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+        if not channels_last:
+            return x
+        return x.contiguous(memory_format=(torch.channels_last, torch.channels_last_3d)[self.spatial_dims - 2])
+
+    def _up(self, depth: int, x: torch.Tensor, fold: bool, channels_last: bool) -> torch.Tensor:
+        """``BN(ConvT(leaky_relu(x)) + upsample(x))`` of decoder level ``depth``, BN folded when ``fold``."""
+        conv, norm = self.up_convs[depth], self.batch_norms[depth]
+        residual = self._layout(_match_channels(x, conv.out_channels), channels_last)  # a dense copy upsamples fast
+        if not fold or norm.running_mean is None:
+            y = conv(F.leaky_relu(x))
+            y += F.interpolate(residual, scale_factor=2, mode=self._upsample_mode, align_corners=False)
+            return norm(y)
+        scale = torch.rsqrt(norm.running_var + norm.eps)
+        if norm.weight is not None:
+            scale = scale * norm.weight
+        shift = -norm.running_mean * scale
+        if norm.bias is not None:
+            shift = shift + norm.bias
+        bias = shift if conv.bias is None else conv.bias * scale + shift
+        per_channel = scale.reshape(1, -1, *([1] * self.spatial_dims))  # ConvT weights are (in, out, *k)
+        y = self._conv_t(F.leaky_relu(x), conv.weight * per_channel, bias, stride=2, padding=1)
+        y += F.interpolate(residual * per_channel, scale_factor=2, mode=self._upsample_mode, align_corners=False)
+        return y
