@@ -29,6 +29,28 @@ def reference_network(spatial_dims: int, levels, unet=None):
     return net
 
 
+def perturb_reference_weights(regis_net, generator: torch.Generator, std: float = 0.02, last_std: float = 0.005, batch_norm: bool = False):
+    """Give every layer of a reference network random weights (its zero-initialised last conv included).
+
+    Args:
+        regis_net: the reference module tree (changed in place and returned).
+        generator: the one generator all draws come from, in parameter (then buffer) order (the caller may go on using it).
+        std: normal std of the parameters.
+        last_std: normal std of the ``lastConv`` parameters.
+        batch_norm: also draw BatchNorm running statistics (variance U(0.5, 1.5), mean N(0, 0.1)).
+    """
+    g = generator
+    for name, p in regis_net.named_parameters():
+        p.data.normal_(0, std if "lastConv" not in name else last_std, generator=g)
+    if batch_norm:
+        for name, b in regis_net.named_buffers():
+            if name.endswith("running_var"):
+                b.data.uniform_(0.5, 1.5, generator=g)
+            elif name.endswith("running_mean"):
+                b.data.normal_(0, 0.1, generator=g)
+    return regis_net
+
+
 def reference_loss(kind: str, regis_net, similarity, lmbda, input_shape):
     """``GradientICON`` / ``GradientICONSparse`` / ``InverseConsistentNet`` around ``regis_net``."""
     cls = {

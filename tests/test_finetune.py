@@ -17,7 +17,7 @@ import icon_registration.networks as icon_networks
 import numpy as np
 import pytest
 import torch
-from reference_oracle import reference_loss, reference_network
+from reference_oracle import perturb_reference_weights, reference_loss, reference_network
 from registration_helpers import blob_intensity, oblique_affine, save, world_points
 from test_bundles import BUNDLES, bundle_cmd, ok
 
@@ -44,10 +44,7 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune")
     torch.manual_seed(0)
     unet = lambda: icon_networks.UNet2(len(CHANNELS), [[2, *CHANNELS], CHANNELS], 3)  # noqa: E731  twin of GradICONUNet
-    regis_net = reference_network(3, SMALL["levels"], unet)
-    g = torch.Generator().manual_seed(0)
-    for name, p in regis_net.named_parameters():  # every layer matters, the zero-initialised last conv included
-        p.data.normal_(0, 0.02 if "lastConv" not in name else 0.03, generator=g)
+    regis_net = perturb_reference_weights(reference_network(3, SMALL["levels"], unet), torch.Generator().manual_seed(0), std=0.02, last_std=0.03)
     model = reference_loss("sparse", regis_net, icon.LNCC(sigma=5), 1.5, [1, 1, *SHAPE])
     weights = root / "Step_2_final.trch"
     torch.save(model.regis_net.state_dict(), weights)

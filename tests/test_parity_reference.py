@@ -12,7 +12,7 @@ import icon_registration.losses as icon_losses
 import icon_registration.networks as icon_networks
 import pytest
 import torch
-from reference_oracle import reference_loss, reference_network
+from reference_oracle import perturb_reference_weights, reference_loss, reference_network
 
 from monai_gradicon.losses import GradICONLoss, GradICONObjective, ICONLoss, LNCCLoss, NCCLoss
 from monai_gradicon.maps import ddf_to_map, fold_count, fold_percentage, map_to_ddf
@@ -49,10 +49,7 @@ def _twins(spatial_dims, levels, dtype, seed=0, channels=None):
         unet = lambda: icon_networks.UNet2(len(down), [[2, *down], list(up)], spatial_dims)  # noqa: E731
         subnetwork = lambda: GradICONUNet(spatial_dims, 1, down, up)  # noqa: E731
         last_std = 0.03  # fewer input channels to the last conv: a larger std for a comparable displacement
-    ref = reference_network(spatial_dims, levels, unet)
-    g = torch.Generator().manual_seed(seed)
-    for name, p in ref.named_parameters():  # make every layer matter, the zero-initialised last conv included
-        p.data.normal_(0, 0.02 if "lastConv" not in name else last_std, generator=g)
+    ref = perturb_reference_weights(reference_network(spatial_dims, levels, unet), torch.Generator().manual_seed(seed), std=0.02, last_std=last_std)
     ours = multistep_network(spatial_dims, levels, subnetwork=subnetwork)
     load_reference_weights(ours, ref.state_dict())
     return ref.to(dtype), ours.to(dtype)

@@ -6,7 +6,7 @@ import icon_registration as icon
 import icon_registration.losses as icon_losses
 import pytest
 import torch
-from reference_oracle import reference_loss, reference_network
+from reference_oracle import perturb_reference_weights, reference_loss, reference_network
 
 from monai_gradicon.maps import map_to_ddf
 from monai_gradicon.networks import (
@@ -21,15 +21,7 @@ from monai_gradicon.networks import (
 def saved_reference_model(tmp_path_factory):
     """The reference lung/knee model (GradientICONSparse, LNCC σ=5, λ=1.5) with random weights, saved as released."""
     torch.manual_seed(0)  # the reference's default initialisation
-    regis_net = reference_network(3, (2, 1, 0, 0))
-    g = torch.Generator().manual_seed(0)
-    for name, p in regis_net.named_parameters():
-        p.data.normal_(0, 0.01 if "lastConv" not in name else 0.002, generator=g)
-    for name, b in regis_net.named_buffers():
-        if name.endswith("running_var"):
-            b.data.uniform_(0.5, 1.5, generator=g)
-        elif name.endswith("running_mean"):
-            b.data.normal_(0, 0.1, generator=g)
+    regis_net = perturb_reference_weights(reference_network(3, (2, 1, 0, 0)), torch.Generator().manual_seed(0), std=0.01, last_std=0.002, batch_norm=True)
     model = reference_loss("sparse", regis_net, icon.LNCC(sigma=5), 1.5, (1, 1, 65, 66, 67)).eval()
     path = tmp_path_factory.mktemp("weights") / "lung_model_weights_step_2.trch"
     torch.save(model.regis_net.state_dict(), path)
@@ -79,15 +71,8 @@ def test_mismatched_layout_is_an_error_naming_keys(saved_reference_model):
 
 def test_two_dimensional_checkpoint_loads_into_two_dimensional_net():
     torch.manual_seed(0)  # the reference's default initialisation
-    regis_net = reference_network(2, (1, 0))
     g = torch.Generator().manual_seed(1)
-    for name, p in regis_net.named_parameters():
-        p.data.normal_(0, 0.02 if "lastConv" not in name else 0.005, generator=g)
-    for name, b in regis_net.named_buffers():
-        if name.endswith("running_var"):
-            b.data.uniform_(0.5, 1.5, generator=g)
-        elif name.endswith("running_mean"):
-            b.data.normal_(0, 0.1, generator=g)
+    regis_net = perturb_reference_weights(reference_network(2, (1, 0)), g, std=0.02, last_std=0.005, batch_norm=True)
     net = load_reference_weights(multistep_network(2, (1, 0)), regis_net.state_dict()).eval()
     assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in regis_net.parameters()) == 2 * 4_756_902
     state = net.state_dict()
