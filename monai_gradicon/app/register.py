@@ -97,6 +97,15 @@ def _voxel_indices(shape: Sequence[int], start: int, stop: int, device: torch.de
     return torch.stack([g.reshape(-1) for g in grids], dim=1)
 
 
+def _slabs(shape: Sequence[int], device: torch.device):
+    """``(rows, voxel indices (P, D))`` of the grid ``shape`` in slabs of at most ``_CHUNK_POINTS`` voxels (C order)."""
+    per_slab = max(1, int(np.prod(shape[1:])))
+    step = max(1, _CHUNK_POINTS // per_slab)
+    for start in range(0, shape[0], step):
+        stop = min(shape[0], start + step)
+        yield slice(start * per_slab, stop * per_slab), _voxel_indices(shape, start, stop, device)
+
+
 def physical_transform(
     phi: Deformation,
     source: PairGeometry,
@@ -157,13 +166,8 @@ def _resample_direction(
     displacement = np.empty((dims, points), np.float32)  # channel first: the (D, *S) output without a copy
     warped = np.empty(points, np.float32)
     warped_maps = [np.empty(points, np.float32) if m is not None else None for m in maps]
-    per_slab = max(1, int(np.prod(shape[1:])))
-    step = max(1, _CHUNK_POINTS // per_slab)
-    for start in range(0, shape[0], step):
-        stop = min(shape[0], start + step)
-        index = _voxel_indices(shape, start, stop, device)
+    for rows, index in _slabs(shape, device):
         target_index, mm = physical_transform(phi, source_geometry, target_geometry, source.affine, target.affine, index)
-        rows = slice(start * per_slab, stop * per_slab)
         displacement[:, rows] = mm.T.numpy()
         warped[rows] = sample_at_voxel_indices(target_image, target_index, "bilinear")[0].cpu().numpy()
         for label_image, out in zip(maps, warped_maps):
@@ -184,14 +188,10 @@ def _resample_in_place(labels: PhysicalImage, grid: PhysicalImage) -> np.ndarray
     to_labels = torch.from_numpy(np.linalg.inv(labels.affine) @ grid.affine)
     image = labels.array[None]
     out = np.empty(int(np.prod(shape)), np.float32)
-    per_slab = max(1, int(np.prod(shape[1:])))
-    step = max(1, _CHUNK_POINTS // per_slab)
     dims = len(shape)
-    for start in range(0, shape[0], step):
-        stop = min(shape[0], start + step)
-        index = _voxel_indices(shape, start, stop, torch.device("cpu"))
+    for rows, index in _slabs(shape, torch.device("cpu")):
         mapped = index @ to_labels[:dims, :dims].T + to_labels[:dims, dims]
-        out[start * per_slab:stop * per_slab] = sample_at_voxel_indices(image, mapped, "nearest")[0].numpy()
+        out[rows] = sample_at_voxel_indices(image, mapped, "nearest")[0].numpy()
     return out.reshape(shape)
 
 
