@@ -2,8 +2,9 @@
 
 Levers: BatchNorm folded into the transposed convolutions in eval mode, the channels-last memory
 format, activation checkpointing per sub-network (BatchNorm running statistics updated once), mixed
-precision inside the sub-networks only, the DDF route of the GradICON loss without a [0, 1] copy, and
-the full-size resample through the dense network-grid map.
+precision inside the sub-networks only, the DDF route of the GradICON loss without a [0, 1] copy, the
+full-size resample through the dense network-grid map, interpolation split across CPU threads, and the
+Gaussian blur of LNCC as banded matrix products.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import importlib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from monai_gradicon.io.image import PhysicalImage
 from monai_gradicon.losses import GradICONLoss
@@ -267,6 +269,113 @@ def test_resample_writes_the_exact_composition_channel_first(align_corners):
 
 
 _FIGURE = r"^[a-z0-9_]+: ours=[0-9.]+ reference=[0-9.]+ ratio=[0-9.]+$"
+
+
+@pytest.fixture
+def threads():
+    """Set the torch thread count for a test and restore it afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("mode,padding_mode", [("bilinear", "border"), ("bilinear", "zeros"), ("nearest", "border")])
+@pytest.mark.parametrize("chunks", [2, 3])
+def test_threaded_grid_sample_equals_one_call(spatial_dims, mode, padding_mode, chunks, threads, monkeypatch):
+    """Points split across threads: values and point gradients bit for bit, field gradients to float rounding.
+
+    ``chunks`` threads with a small per-thread minimum so that the split happens on test sizes; the point
+    count is not a multiple of 3, so the padded last chunk is exercised too.
+    """
+    from monai_gradicon.maps import grid as grid_module
+
+    threads(chunks)
+    monkeypatch.setattr(grid_module, "MIN_POINTS_PER_THREAD", 64)
+    g = torch.Generator().manual_seed(spatial_dims)
+    field = torch.randn(1, 3, *SHAPES[spatial_dims], generator=g).requires_grad_(True)
+    points = (23, 19, 7)[:spatial_dims]
+    assert np.prod(points) % 3 != 0
+    grid = (torch.rand(1, *points, spatial_dims, generator=g) * 2.4 - 1.2).requires_grad_(True)
+    weights = torch.randn(1, 3, *points, generator=g)
+    ours = grid_module.grid_sample(field, grid, mode=mode, padding_mode=padding_mode)
+    plain = F.grid_sample(field, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    assert torch.equal(ours, plain)
+    inputs = [field, grid] if mode == "bilinear" else [field]
+    ours_grads = torch.autograd.grad((ours * weights).sum(), inputs)
+    plain_grads = torch.autograd.grad((plain * weights).sum(), inputs)
+    torch.testing.assert_close(ours_grads[0], plain_grads[0], rtol=1e-5, atol=1e-5)
+    assert ours_grads[0].abs().max() > 0.1
+    if mode == "bilinear":
+        assert torch.equal(ours_grads[1], plain_grads[1])
+
+
+def test_threaded_grid_sample_splits_only_single_images_on_cpu(threads, monkeypatch):
+    """A batch of 2 goes to one ``F.grid_sample`` call unchanged (the kernel already divides by batch)."""
+    from monai_gradicon.maps import grid as grid_module
+
+    threads(2)
+    monkeypatch.setattr(grid_module, "MIN_POINTS_PER_THREAD", 16)
+    calls = []
+    original = F.grid_sample
+
+    def spy(field, grid, **kwargs):
+        calls.append(tuple(grid.shape))
+        return original(field, grid, **kwargs)
+
+    monkeypatch.setattr(grid_module.F, "grid_sample", spy)
+    field = torch.randn(2, 1, 9, 10)
+    grid = torch.rand(2, 9, 10, 2) * 2 - 1
+    grid_module.grid_sample(field, grid)
+    grid_module.grid_sample(field[:1], grid[:1])
+    assert calls == [(2, 9, 10, 2), (2, 45, 1, 2)]
+
+
+def _depthwise_blur(image: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
+    """The oracle: the same separable blur as depthwise convolutions with zero "same" padding."""
+    from monai_gradicon.losses.lncc import gaussian_kernel1d
+
+    dims = image.ndim - 2
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    kernel = gaussian_kernel1d(kernel_size, sigma).to(image.dtype)
+    out = image
+    for axis in range(dims):
+        shape = [1] * dims
+        shape[axis] = kernel_size
+        out = conv(out, kernel.reshape(1, 1, *shape).expand(image.shape[1], 1, *shape), padding="same", groups=image.shape[1])
+    return out
+
+
+@pytest.mark.parametrize("spatial_dims", [1, 2, 3])
+@pytest.mark.parametrize("kernel_size,sigma", [(21, 5), (7, 3), (45, 11)])
+def test_banded_gaussian_blur_equals_depthwise_convolution(spatial_dims, kernel_size, sigma):
+    """LNCC's blur as matrix products = depthwise convolutions: float32 values and gradients to rounding, float64 to 1e-12.
+
+    ``(45, 11)`` is wider than the smallest axis (the band is cut by the zero padding on both sides).
+    """
+    from monai_gradicon.losses.lncc import gaussian_blur
+
+    shape = (2, 2, *(24, 31, 19)[:spatial_dims])
+    g = torch.Generator().manual_seed(kernel_size)
+    image = torch.rand(shape, generator=g, dtype=torch.float64).requires_grad_(True)
+    weights = torch.randn(shape, generator=g, dtype=torch.float64)
+    ours64, oracle64 = gaussian_blur(image, kernel_size, sigma), _depthwise_blur(image, kernel_size, sigma)
+    torch.testing.assert_close(ours64, oracle64, rtol=0, atol=1e-12)
+    grad_ours, grad_oracle = (torch.autograd.grad((b * weights).sum(), image)[0] for b in (ours64, oracle64))
+    torch.testing.assert_close(grad_ours, grad_oracle, rtol=0, atol=1e-12)
+    image32 = image.detach().float().requires_grad_(True)
+    ours32, oracle32 = gaussian_blur(image32, kernel_size, sigma), _depthwise_blur(image32, kernel_size, sigma)
+    torch.testing.assert_close(ours32, oracle32, rtol=0, atol=2e-6)
+    grads = [torch.autograd.grad((b * weights.float()).sum(), image32)[0] for b in (ours32, oracle32)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=2e-5)
+    assert (ours64 - image).abs().max() > 0.05  # the blur does something
+
+
+def test_gaussian_blur_refuses_an_even_kernel():
+    from monai_gradicon.losses.lncc import gaussian_blur
+
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        gaussian_blur(torch.zeros(1, 1, 8, 8), 4, 1.0)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from ..maps import grid_sample
 
 __all__ = ["ras_to_lps_matrix", "apply_affine", "ItkGeometry", "itk_geometry"]
 
@@ -112,5 +112,5 @@ def sample_at_voxel_indices(image: torch.Tensor, index: torch.Tensor, mode: str 
     inside = ((index >= -0.5) & (index <= size - 0.5)).all(dim=1)
     grid = (2.0 * index / (size - 1).clamp(min=1) - 1.0).flip(-1)  # grid_sample wants the last axis first
     grid = grid.to(image.dtype).reshape(1, -1, *([1] * (dims - 1)), dims)
-    values = F.grid_sample(image, grid, mode=mode, padding_mode="border", align_corners=True)
+    values = grid_sample(image, grid, mode=mode, padding_mode="border")
     return values.reshape(image.shape[1], -1) * inside.to(values.dtype)

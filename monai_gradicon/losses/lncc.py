@@ -9,7 +9,6 @@ loss is ``1 − mean(cc)``. The released lung and uniGradICON weights were train
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
@@ -38,11 +37,29 @@ def gaussian_kernel1d(kernel_size: int, sigma: float) -> torch.Tensor:
     return pdf / pdf.sum()
 
 
+def _band_matrix(size: int, kernel: torch.Tensor) -> torch.Tensor:
+    """``(size, size)`` matrix ``T`` with ``T[i, j] = kernel[j - i + half]`` inside the band, 0 outside.
+
+    ``T @ x`` along an axis is the "same" cross-correlation of ``x`` with ``kernel`` under zero padding.
+    """
+    half = (kernel.numel() - 1) // 2
+    index = torch.arange(size, device=kernel.device)
+    offset = index[None, :] - index[:, None] + half
+    inside = (offset >= 0) & (offset < kernel.numel())
+    return torch.where(inside, kernel[offset.clamp(0, kernel.numel() - 1)], kernel.new_zeros(()))
+
+
 def gaussian_blur(image: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
-    """Separable depthwise Gaussian blur of ``(B, C, *spatial)`` with zero "same" padding (no border renormalisation).
+    """Separable Gaussian blur of ``(B, C, *spatial)`` with zero "same" padding (no border renormalisation).
 
     Used for the local means of :class:`LNCCLoss` and the smoothed scales of the self-adaptive NCC
     pyramid (paper Eq. 7/8). Near the border the zero padding pulls values towards 0.
+
+    Each axis is one matrix product with the banded ``(N, N)`` matrix of the 1D kernel: the same sums as
+    a depthwise convolution (the terms outside the band are exact zeros), but dense matrix products run
+    at the CPU's GEMM rate, where a single-channel ``conv3d`` with a ``(k, 1, 1)`` kernel falls back to
+    PyTorch's slow unfolded path (40x slower forward and backward at 80×192×192). The rounding of each
+    sum is the GEMM's, within float rounding of the convolution's.
 
     Args:
         image: ``(B, C, *spatial)`` with 1, 2 or 3 spatial axes; each channel is blurred separately.
@@ -52,16 +69,18 @@ def gaussian_blur(image: torch.Tensor, kernel_size: int, sigma: float) -> torch.
     Returns:
         the blurred image, same shape and dtype as ``image``.
     """
-    spatial_dims = image.ndim - 2
-    conv = (F.conv1d, F.conv2d, F.conv3d)[spatial_dims - 1]
+    if kernel_size % 2 != 1:
+        raise ValueError(f"kernel_size must be odd (symmetric 'same' padding), got {kernel_size}.")
+    shape = image.shape
     kernel = gaussian_kernel1d(kernel_size, sigma).to(image.device, image.dtype)
-    channels = image.shape[1]
     out = image
-    for axis in range(spatial_dims):
-        shape = [1] * spatial_dims
-        shape[axis] = kernel_size
-        weight = kernel.reshape(1, 1, *shape).expand(channels, 1, *shape)
-        out = conv(out, weight, padding="same", groups=channels)
+    for axis in range(2, image.ndim):
+        band = _band_matrix(shape[axis], kernel)
+        trailing = shape[axis + 1 :].numel()
+        if trailing == 1:  # the last axis: rows times band^T
+            out = (out.reshape(-1, shape[axis]) @ band.t()).reshape(shape)
+        else:
+            out = torch.matmul(band, out.reshape(-1, shape[axis], trailing)).reshape(shape)
     return out
 
 

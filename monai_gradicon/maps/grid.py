@@ -18,7 +18,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["identity_grid", "sample", "ddf_to_map", "map_to_ddf", "warp"]
+__all__ = ["identity_grid", "sample", "grid_sample", "ddf_to_map", "map_to_ddf", "warp"]
+
+#: fewest points per thread for which :func:`grid_sample` splits a single-image call across threads
+MIN_POINTS_PER_THREAD = 16384
 
 
 def identity_grid(
@@ -99,11 +102,50 @@ def sample(
         coords = coords.expand(batch, *coords.shape[1:])
     # grid_sample wants (B, *S', D) in [-1, 1] with the last spatial axis first; flip() makes the one copy.
     grid = coords.movedim(1, -1).flip(-1).mul_(2.0).sub_(1.0)
-    if mode == "nearest":
-        return F.grid_sample(field, grid, mode="nearest", padding_mode=padding_mode, align_corners=True)
-    if mode not in ("bilinear", "linear", "trilinear"):
+    if mode in ("linear", "trilinear"):
+        mode = "bilinear"
+    if mode not in ("bilinear", "nearest"):
         raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}.")
-    return F.grid_sample(field, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+    return grid_sample(field, grid, mode=mode, padding_mode=padding_mode)
+
+
+def grid_sample(field: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border") -> torch.Tensor:
+    """``torch.nn.functional.grid_sample(..., align_corners=True)`` that uses every CPU thread on a single image.
+
+    PyTorch's CPU kernels (``grid_sampler_3d`` forward and backward, ``grid_sampler_2d`` forward) divide
+    the work by batch element only, so one image (the usual case: one pair, both directions in turn)
+    runs on one thread. Here the points of a single-image call on CPU are cut into one chunk per thread,
+    the chunks become the batch of one ``grid_sample`` call against the same (expanded, not copied)
+    field, and the output is put back in order. Every point is interpolated by the same arithmetic as
+    in the single call, so values and the gradient with respect to the points are equal bit for bit;
+    the gradient with respect to the field sums the chunks' contributions per chunk first, which can
+    change the float rounding of a voxel reached from two chunks. Batches of several images, other
+    devices, traces (a trace would fix the thread count) and small calls go straight to ``F.grid_sample``.
+
+    Args:
+        field: ``(B, C, *S)``.
+        grid: ``(B, *S', D)`` in [-1, 1], the last spatial axis first (``grid_sample``'s convention).
+        mode: ``"bilinear"`` or ``"nearest"``.
+        padding_mode: ``"border"``, ``"zeros"`` or ``"reflection"``.
+
+    Returns:
+        ``(B, C, *S')``, as ``F.grid_sample``.
+    """
+    threads = torch.get_num_threads()
+    points = grid[0, ..., 0].numel()
+    chunks = min(threads, points // MIN_POINTS_PER_THREAD)
+    if chunks < 2 or field.device.type != "cpu" or grid.shape[0] != 1 or field.shape[0] != 1 or torch.jit.is_tracing():
+        return F.grid_sample(field, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    dims = grid.shape[-1]
+    per_chunk = -(-points // chunks)
+    flat = grid.reshape(points, dims)
+    if per_chunk * chunks != points:  # pad with copies of the last point; their values are dropped
+        flat = torch.cat([flat, flat[-1:].expand(per_chunk * chunks - points, dims)])
+    batched = flat.reshape(chunks, per_chunk, *([1] * (dims - 1)), dims)
+    field = field.expand(chunks, *field.shape[1:])
+    values = F.grid_sample(field, batched, mode=mode, padding_mode=padding_mode, align_corners=True)
+    values = values.reshape(chunks, field.shape[1], per_chunk).transpose(0, 1).reshape(field.shape[1], -1)
+    return values[:, :points].reshape(1, field.shape[1], *grid.shape[1:-1])
 
 
 def _voxel_scale(spatial_shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
