@@ -55,8 +55,15 @@ class Deformation:
             a :class:`Deformation` with the single field ``ddf / (N_k - 1)`` (per axis, [0, 1] units)
             on the grid of ``ddf``.
         """
-        phi = cls([ddf])
-        phi._terms = [(ddf, _voxel_scale(ddf.shape[2:], ddf))]
+        return cls._of_terms([(ddf, _voxel_scale(ddf.shape[2:], ddf))])
+
+    @classmethod
+    def _of_terms(
+        cls, terms: Sequence[tuple[torch.Tensor, torch.Tensor | None]], spatial_shape: Sequence[int] | None = None
+    ) -> "Deformation":
+        """A deformation of ``(field, divisor)`` terms (``u_k = field / divisor``), checked as :meth:`__init__` checks fields."""
+        phi = cls([f for f, _ in terms], spatial_shape)
+        phi._terms = list(terms)
         return phi
 
     @property
@@ -124,9 +131,7 @@ class Deformation:
         Returns:
             a new :class:`Deformation` with ``inner.fields + self.fields``.
         """
-        composed = Deformation([f for f, _ in inner._terms + self._terms], inner.spatial_shape)
-        composed._terms = inner._terms + self._terms
-        return composed
+        return Deformation._of_terms(inner._terms + self._terms, inner.spatial_shape)
 
     def map(self, spatial_shape: Sequence[int] | None = None) -> torch.Tensor:
         """``Φ(id)`` on the identity grid of ``spatial_shape`` (default: :attr:`spatial_shape`).
