@@ -11,8 +11,9 @@ the symmetric GradICON objective (MSE, λ = 0.2), backward and an Adam step:
   ``loss = model(A, B).all_loss; loss.backward(); optimizer.step()``.
 
 Calls are interleaved (ours, reference, ours, ...) after one warm-up each, so that load from other
-processes hits both alike; the median is reported. ``knee_4step_train_iteration_<shape>_channels_last``
-is the same with the U-Nets built with ``channels_last=True`` (opt-in for training).
+processes hits both alike; the median is reported. ``knee_4step_train_iteration_<shape>_reference_layout``
+is the same with our U-Nets built with ``channels_last=False`` (the reference's memory layout and rounding;
+the default is channels-last).
 
 Figure ``knee_4step_train_iteration_<peak shape>_peak_mib`` (default 160×192×192): the peak memory of
 one such iteration, each measurement in its own child process (resident-set growth during the
@@ -55,7 +56,7 @@ from monai_gradicon.networks import GradICONUNet, load_reference_weights, multis
 LEVELS = [(2, 1, 0, 0)]  # the knee layout; --quick: one U-Net (0,)
 
 
-def _networks(checkpoint: bool = False, channels_last: bool | None = None):
+def _networks(checkpoint: bool = False, channels_last: bool = True):
     """The reference twin network with perturbed weights and ours holding the same weights."""
     torch.manual_seed(0)
     ref_net = reference_network(3, LEVELS[0])
@@ -67,7 +68,7 @@ def _networks(checkpoint: bool = False, channels_last: bool | None = None):
     return ref_net, load_reference_weights(ours_net, ref_net.state_dict())
 
 
-def _iterations(shape, checkpoint: bool = False, channels_last: bool | None = None):
+def _iterations(shape, checkpoint: bool = False, channels_last: bool = True):
     """``(ours, reference)``: callables running one training iteration each on a fixed random pair."""
     g = torch.Generator().manual_seed(0)
     image_a = torch.rand((1, 1) + shape, generator=g)
@@ -142,7 +143,7 @@ def main() -> None:
         return
     shape = tuple(args.shape)
     rows = []
-    for suffix, channels_last in () if args.no_timing else (("", None), ("_channels_last", True)):
+    for suffix, channels_last in () if args.no_timing else (("", True), ("_reference_layout", False)):
         o, r, samples = _time_interleaved(*_iterations(shape, channels_last=channels_last), args.repeats)
         figure = f"knee_4step_train_iteration_{'x'.join(map(str, shape))}{suffix}"
         print(f"{figure}: ours={o:.3f} reference={r:.3f} ratio={o / r:.3f}")

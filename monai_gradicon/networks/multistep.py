@@ -77,6 +77,7 @@ def multistep_network(
     subnetwork: Callable[[], nn.Module] | None = None,
     checkpoint_activations: bool = False,
     autocast_dtype: str | None = None,
+    channels_last: bool = True,
 ) -> MultiStepRegistrationNet:
     """Build the P-step network of Eq. 6: ``P = len(levels)`` sub-networks, coarse to fine.
 
@@ -97,6 +98,9 @@ def multistep_network(
             memory of about one sub-network instead of ``P``, for one more forward of each.
         autocast_dtype: ``None``, ``"float16"`` or ``"bfloat16"``: mixed precision inside each
             sub-network only (:class:`DisplacementStep`); meant for CUDA.
+        channels_last: the memory format of the default :class:`GradICONUNet` steps (ignored with
+            ``subnetwork``): ``True`` the fast channels-last layout, ``False`` the reference's layout and
+            rounding.
 
     Returns:
         the :class:`MultiStepRegistrationNet`; its :attr:`~MultiStepRegistrationNet.min_size` is the
@@ -109,7 +113,7 @@ def multistep_network(
     levels = [int(v) for v in levels]
     if not levels or min(levels) < 0 or any(b > a for a, b in zip(levels, levels[1:])):
         raise ValueError(f"levels must be a non-empty, non-increasing sequence of integers >= 0, got {levels}.")
-    make = subnetwork or (lambda: GradICONUNet(spatial_dims, in_channels))
+    make = subnetwork or (lambda: GradICONUNet(spatial_dims, in_channels, channels_last=channels_last))
 
     def downsampled(step: nn.Module, times: int) -> nn.Module:
         for _ in range(times):
@@ -126,7 +130,10 @@ def multistep_network(
 
 
 def four_step_network(
-    spatial_dims: int = 3, include_last_step: bool = True, checkpoint_activations: bool = False
+    spatial_dims: int = 3,
+    include_last_step: bool = True,
+    checkpoint_activations: bool = False,
+    channels_last: bool = True,
 ) -> MultiStepRegistrationNet:
     """The layout of the released knee (Sec. A.2), lung (Sec. A.3), brain and uniGradICON models.
 
@@ -139,10 +146,11 @@ def four_step_network(
         spatial_dims: 2 or 3 (the released models are 3D).
         include_last_step: add the second full-resolution U-Net (levels ``(2, 1, 0, 0)``; else ``(2, 1, 0)``).
         checkpoint_activations: activation checkpointing per U-Net (see :func:`multistep_network`).
+        channels_last: the U-Nets' memory format (see :class:`GradICONUNet`).
 
     Returns:
         the :class:`MultiStepRegistrationNet`, with the state-dict layout of the released weights
         (when ``include_last_step`` and ``spatial_dims=3``).
     """
     levels = (2, 1, 0, 0) if include_last_step else (2, 1, 0)
-    return multistep_network(spatial_dims, levels, checkpoint_activations=checkpoint_activations)
+    return multistep_network(spatial_dims, levels, checkpoint_activations=checkpoint_activations, channels_last=channels_last)
