@@ -50,7 +50,7 @@ from reference_oracle import reference_network  # noqa: E402
 from benchmark_reference import _measure_once as measure_once  # noqa: E402  (this folder is on sys.path)
 
 from monai_gradicon.engines import BidirectionalRegistration, GradICONTrainingLoss, PairToDDF  # noqa: E402
-from monai_gradicon.networks import GradICONUNet, load_reference_weights, multistep_network  # noqa: E402
+from monai_gradicon.networks import load_reference_weights, multistep_network  # noqa: E402
 
 
 LEVELS = [(2, 1, 0, 0)]  # the knee layout; --quick: one U-Net (0,)
@@ -62,9 +62,7 @@ def _networks(checkpoint: bool = False, channels_last: bool = True):
     ref_net = reference_network(3, LEVELS[0])
     for p in ref_net.parameters():  # non-trivial weights (the U-Nets start at the identity otherwise)
         p.data.add_(0.01 * torch.randn_like(p))
-    ours_net = multistep_network(
-        3, LEVELS[0], subnetwork=lambda: GradICONUNet(3, channels_last=channels_last), checkpoint_activations=checkpoint
-    )
+    ours_net = multistep_network(3, LEVELS[0], checkpoint_activations=checkpoint, channels_last=channels_last)
     return ref_net, load_reference_weights(ours_net, ref_net.state_dict())
 
 

@@ -21,6 +21,11 @@ from ..validation import check_spatial_dims
 __all__ = ["GradICONUNet"]
 
 
+def _channels_last_format(spatial_dims: int) -> torch.memory_format:
+    """The channels-last memory format of a ``spatial_dims``-D image batch (``channels_last_3d`` in 3D)."""
+    return (torch.channels_last, torch.channels_last_3d)[spatial_dims - 2]
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """A channels-last ``(N, C, *S)`` tensor as the ``(N·ΠS, C)`` matrix it is in memory (a view)."""
     return x.movedim(1, -1).reshape(-1, x.shape[1])
@@ -66,7 +71,7 @@ class _BatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad):
         normalized, weight, invstd = ctx.saved_tensors
         shape = (1, -1) + (1,) * (normalized.ndim - 2)
-        grad = grad.contiguous(memory_format=torch.channels_last if normalized.ndim == 4 else torch.channels_last_3d)
+        grad = grad.contiguous(memory_format=_channels_last_format(normalized.ndim - 2))
         sum_g = grad.sum((0, *range(2, grad.ndim)))
         sum_g_xhat = (_rows(grad).t() @ _rows(normalized)).diagonal()
         scale = invstd * weight
@@ -186,12 +191,8 @@ class GradICONUNet(nn.Module):
             out = self.last_conv(x) / 10
         return out.contiguous()
 
-    @property
-    def _memory_format(self) -> torch.memory_format:
-        return (torch.channels_last, torch.channels_last_3d)[self.spatial_dims - 2]
-
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=self._memory_format) if self.channels_last else x
+        return x.contiguous(memory_format=_channels_last_format(self.spatial_dims)) if self.channels_last else x
 
     def _up(self, depth: int, x: torch.Tensor, fold: bool) -> torch.Tensor:
         """``BN(ConvT(leaky_relu(x)) + upsample(x))`` of decoder level ``depth``, BN folded when ``fold``."""
