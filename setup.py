@@ -9,6 +9,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["monai_gradicon", "monai_gradicon.*"]),
+    # the native interpolation kernel is compiled from this source on first use (monai_gradicon/maps/native.py)
+    package_data={"monai_gradicon.maps": ["trilinear.cpp"]},
     python_requires=">=3.9",
     # install torch first (README pins the CPU build); this range is then already satisfied.
     install_requires=[

@@ -4,7 +4,8 @@ Levers: BatchNorm folded into the transposed convolutions in eval mode, the chan
 format, activation checkpointing per sub-network (BatchNorm running statistics updated once), mixed
 precision inside the sub-networks only, the DDF route of the GradICON loss without a [0, 1] copy, the
 full-size resample through the dense network-grid map, interpolation split across CPU threads, and the
-Gaussian blur of LNCC as banded matrix products.
+Gaussian blur of LNCC as banded matrix products. The native trilinear kernel has its own file,
+``tests/test_native_trilinear.py``.
 """
 
 from __future__ import annotations

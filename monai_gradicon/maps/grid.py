@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .native import native_trilinear_available, trilinear
+
 __all__ = ["identity_grid", "sample", "grid_sample", "ddf_to_map", "map_to_ddf", "warp"]
 
 #: fewest points per thread for which :func:`grid_sample` splits a single-image call across threads
@@ -81,7 +83,9 @@ def sample(
     This evaluates ``field`` off the grid in the coordinates of the paper (Sec. 3), e.g. a displacement
     at ``Φ(x)`` when composing maps. ``align_corners=True``; with the default border padding a point
     outside the image takes the value of the nearest border voxel. A batch of 1 on either side is
-    broadcast to the other's batch.
+    broadcast to the other's batch. Linear interpolation with border padding of a 3D float field on CPU
+    runs the native kernel of :mod:`.native` (about 2-3× faster than ``grid_sample`` with its gradients,
+    the same values); every other case, traces and ``torch.compile`` included, goes to :func:`grid_sample`.
 
     Args:
         field: values to interpolate, ``(B, C, *S)`` with ``D`` spatial axes (an image or a displacement).
@@ -95,6 +99,12 @@ def sample(
     Returns:
         ``(max(B, B'), C, *S')``.
     """
+    if mode in ("linear", "trilinear"):
+        mode = "bilinear"
+    if mode not in ("bilinear", "nearest"):
+        raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}.")
+    if _native_case(field, coords, mode, padding_mode):
+        return trilinear(field, coords)
     batch = max(field.shape[0], coords.shape[0])
     if field.shape[0] != batch:
         field = field.expand(batch, *field.shape[1:])
@@ -102,11 +112,24 @@ def sample(
         coords = coords.expand(batch, *coords.shape[1:])
     # grid_sample wants (B, *S', D) in [-1, 1] with the last spatial axis first; flip() makes the one copy.
     grid = coords.movedim(1, -1).flip(-1).mul_(2.0).sub_(1.0)
-    if mode in ("linear", "trilinear"):
-        mode = "bilinear"
-    if mode not in ("bilinear", "nearest"):
-        raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}.")
     return grid_sample(field, grid, mode=mode, padding_mode=padding_mode)
+
+
+def _native_case(field: torch.Tensor, coords: torch.Tensor, mode: str, padding_mode: str) -> bool:
+    """Whether ``sample`` runs the native kernel (:mod:`.native`): linear, border, 3D, float, CPU, and neither a
+    trace nor ``torch.compile`` (which record ``grid_sample``, an operator they know)."""
+    return (
+        mode == "bilinear"
+        and padding_mode == "border"
+        and field.ndim == 5
+        and coords.ndim >= 3
+        and coords.shape[1] == 3
+        and field.dtype in (torch.float32, torch.float64)
+        and coords.dtype == field.dtype
+        and field.device.type == "cpu"
+        and coords.device.type == "cpu"
+        and (field.shape[0] == coords.shape[0] or 1 in (field.shape[0], coords.shape[0]))
+    ) and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()) and native_trilinear_available()
 
 
 def grid_sample(field: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border") -> torch.Tensor:
@@ -120,7 +143,8 @@ def grid_sample(field: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
     in the single call, so values and the gradient with respect to the points are equal bit for bit;
     the gradient with respect to the field sums the chunks' contributions per chunk first, which can
     change the float rounding of a voxel reached from two chunks. Batches of several images, other
-    devices, traces (a trace would fix the thread count) and small calls go straight to ``F.grid_sample``.
+    devices, traces and ``torch.compile`` (a recorded graph would fix the thread count) and small calls go
+    straight to ``F.grid_sample``.
 
     Args:
         field: ``(B, C, *S)``.
@@ -131,10 +155,11 @@ def grid_sample(field: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
     Returns:
         ``(B, C, *S')``, as ``F.grid_sample``.
     """
-    threads = torch.get_num_threads()
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():  # a recorded graph would fix the thread count
+        return F.grid_sample(field, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
     points = grid[0, ..., 0].numel()
-    chunks = min(threads, points // MIN_POINTS_PER_THREAD)
-    if chunks < 2 or field.device.type != "cpu" or grid.shape[0] != 1 or field.shape[0] != 1 or torch.jit.is_tracing():
+    chunks = min(torch.get_num_threads(), points // MIN_POINTS_PER_THREAD)
+    if chunks < 2 or field.device.type != "cpu" or grid.shape[0] != 1 or field.shape[0] != 1:
         return F.grid_sample(field, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
     dims = grid.shape[-1]
     per_chunk = -(-points // chunks)
