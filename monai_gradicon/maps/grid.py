@@ -84,7 +84,7 @@ def sample(
     at ``Φ(x)`` when composing maps. ``align_corners=True``; with the default border padding a point
     outside the image takes the value of the nearest border voxel. A batch of 1 on either side is
     broadcast to the other's batch. Linear interpolation with border padding of a 3D float field on CPU
-    runs the native kernel of :mod:`.native` (about 2-3× faster than ``grid_sample`` with its gradients,
+    runs the native kernel of :mod:`.native` (about 2× faster than ``grid_sample`` with its gradients,
     the same values); every other case, traces and ``torch.compile`` included, goes to :func:`grid_sample`.
 
     Args:

@@ -88,8 +88,8 @@ class _Trilinear(torch.autograd.Function):
 def trilinear(field: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Linear interpolation of a 3D ``field`` at ``coords`` in [0, 1] coordinates, border padding (CPU).
 
-    The native counterpart of ``sample(field, coords)`` for this case; call it only where
-    :func:`native_trilinear_available` is ``True``.
+    The native counterpart of ``sample(field, coords)`` for this case (which ``sample`` calls by itself);
+    the kernel is built on the first call.
 
     Args:
         field: ``(B, C, N0, N1, N2)`` float32 or float64 on CPU, any strides.
@@ -98,5 +98,10 @@ def trilinear(field: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(max(B, B'), C, *S')``, contiguous.
+
+    Raises:
+        RuntimeError: the kernel could not be built here (the reason is in the message).
     """
+    if _load() is None:
+        raise RuntimeError(f"the native trilinear kernel could not be built here ({_failure}); use maps.sample.")
     return _Trilinear.apply(field, coords.contiguous())
