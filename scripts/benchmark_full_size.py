@@ -111,7 +111,8 @@ def main() -> None:
         sampler.running = False
         sampler.join()
         times = outputs.report["runtime_seconds"]
-        marks = [0.0, times["preprocessing"], times["network"], times["total"]]
+        # the report's runtime_seconds are stage durations; the RSS sampler needs their cumulative marks
+        marks = [0.0, times["preprocessing"], times["preprocessing"] + times["network"], times["total"]]
         stages = ("read_preprocess", "network", "resample_write")
         for stage, t0, t1 in zip(stages, marks[:-1], marks[1:]):
             print(f"{name}_{stage}: seconds={t1 - t0:.1f} peak_rss_gib={sampler.peak(started + t0, started + t1):.2f}")
