@@ -66,6 +66,29 @@ inline Geometry geometry(const torch::Tensor& field, const torch::Tensor& coords
   return g;
 }
 
+// the voxel cell around point p: its axes, the linear weights per axis, the field's lower corner and the
+// offsets to its upper corners (0 at the last voxel, whose weight is 0)
+template <typename T>
+struct Cell {
+  Axis<T> z, y, x;
+  T z0, z1, y0, y1, x0, x1;
+  int64_t dz, dy, dx;
+  const T* v;
+};
+
+template <typename T>
+inline Cell<T> cell(const T* field, const T* coords, int64_t p, const Geometry& g) {
+  Cell<T> k;
+  const int64_t P = g.points;
+  k.z = locate(coords[p], g.size[0]);
+  k.y = locate(coords[P + p], g.size[1]);
+  k.x = locate(coords[2 * P + p], g.size[2]);
+  k.z0 = T(1) - k.z.frac, k.z1 = k.z.frac, k.y0 = T(1) - k.y.frac, k.y1 = k.y.frac, k.x0 = T(1) - k.x.frac, k.x1 = k.x.frac;
+  k.dz = k.z.has_upper ? g.stride[0] : 0, k.dy = k.y.has_upper ? g.stride[1] : 0, k.dx = k.x.has_upper ? g.stride[2] : 0;
+  k.v = field + k.z.index * g.stride[0] + k.y.index * g.stride[1] + k.x.index * g.stride[2];
+  return k;
+}
+
 // the slabs of points processed by one thread each
 inline int64_t slab_count(int64_t points) {
   const int64_t min_points = 8192;
@@ -78,12 +101,12 @@ void forward_one(const T* field, const T* coords, T* out, const Geometry& g) {
   const int64_t slabs = slab_count(P), per = (P + slabs - 1) / slabs;
   at::parallel_for(0, slabs, 1, [&](int64_t s_begin, int64_t s_end) {
     for (int64_t p = s_begin * per; p < std::min(P, s_end * per); ++p) {
-      const Axis<T> z = locate(coords[p], g.size[0]), y = locate(coords[P + p], g.size[1]), x = locate(coords[2 * P + p], g.size[2]);
-      const int64_t dz = z.has_upper ? g.stride[0] : 0, dy = y.has_upper ? g.stride[1] : 0, dx = x.has_upper ? g.stride[2] : 0;
-      const T x0 = T(1) - x.frac, x1 = x.frac, y0 = T(1) - y.frac, y1 = y.frac, z0 = T(1) - z.frac, z1 = z.frac;
+      const Cell<T> k = cell(field, coords, p, g);
+      const int64_t dz = k.dz, dy = k.dy, dx = k.dx;
+      const T x0 = k.x0, x1 = k.x1, y0 = k.y0, y1 = k.y1, z0 = k.z0, z1 = k.z1;
       const T w000 = x0 * y0 * z0, w001 = x1 * y0 * z0, w010 = x0 * y1 * z0, w011 = x1 * y1 * z0;
       const T w100 = x0 * y0 * z1, w101 = x1 * y0 * z1, w110 = x0 * y1 * z1, w111 = x1 * y1 * z1;
-      const T* v = field + z.index * g.stride[0] + y.index * g.stride[1] + x.index * g.stride[2];
+      const T* v = k.v;
       for (int64_t c = 0; c < C; ++c, v += g.stride_c) {
         T value = v[0] * w000;
         value += v[dx] * w001;
@@ -117,8 +140,8 @@ void backward_one(const T* grad_out, const T* field, const T* coords, T* grad_fi
       } else if (grad_field != nullptr && p_begin < p_end) {  // the voxel range this slab's corners reach
         int64_t first = voxels, last = 0;
         for (int64_t p = p_begin; p < p_end; ++p) {
-          const Axis<T> z = locate(coords[p], g.size[0]), y = locate(coords[P + p], g.size[1]), x = locate(coords[2 * P + p], g.size[2]);
-          const int64_t o = z.index * plane + y.index * row + x.index;
+          const Cell<T> k = cell(field, coords, p, g);
+          const int64_t o = k.z.index * plane + k.y.index * row + k.x.index;
           first = std::min(first, o);
           last = std::max(last, o);
         }
@@ -129,10 +152,11 @@ void backward_one(const T* grad_out, const T* field, const T* coords, T* grad_fi
         channel_stride = span[s];
       }
       for (int64_t p = p_begin; p < p_end; ++p) {
-        const Axis<T> z = locate(coords[p], g.size[0]), y = locate(coords[P + p], g.size[1]), x = locate(coords[2 * P + p], g.size[2]);
-        const int64_t dz = z.has_upper ? g.stride[0] : 0, dy = y.has_upper ? g.stride[1] : 0, dx = x.has_upper ? g.stride[2] : 0;
-        const T x0 = T(1) - x.frac, x1 = x.frac, y0 = T(1) - y.frac, y1 = y.frac, z0 = T(1) - z.frac, z1 = z.frac;
-        const T* v = field + z.index * g.stride[0] + y.index * g.stride[1] + x.index * g.stride[2];
+        const Cell<T> k = cell(field, coords, p, g);
+        const Axis<T>&z = k.z, &y = k.y, &x = k.x;
+        const int64_t dz = k.dz, dy = k.dy, dx = k.dx;
+        const T x0 = k.x0, x1 = k.x1, y0 = k.y0, y1 = k.y1, z0 = k.z0, z1 = k.z1;
+        const T* v = k.v;
         T gz = 0, gy = 0, gx = 0;
         for (int64_t c = 0; c < C; ++c, v += g.stride_c) {
           const T go = grad_out[c * P + p];
