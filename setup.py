@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["monai_gradicon", "monai_gradicon.*"]),
     # the native interpolation kernel is compiled from this source on first use (monai_gradicon/maps/native.py)
-    package_data={"monai_gradicon.maps": ["trilinear.cpp"]},
+    package_data={"monai_gradicon.maps": ["native.cpp", "trilinear.cpp", "upsample.cpp"]},
     python_requires=">=3.9",
     # install torch first (README pins the CPU build); this range is then already satisfied.
     install_requires=[

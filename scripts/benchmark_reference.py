@@ -14,7 +14,8 @@ for peak memory (resident-set growth, MiB; Linux VmHWM reset through /proc/self/
 mmap threshold fixed so freed tensors leave the resident set), then
 ``knee_4step_forward_flop_floor_ratio: ours=<s> reference=<floor s> ratio=<...>``: the floor is the
 network's FLOPs (``torch.utils.flop_counter``) at this CPU's measured float32 matmul rate (2048² GEMM,
-same threads), then a table and the load average.
+same threads), then a table, the load average, and the time of the forward's convolutions alone (profiled),
+which bounds what the rest of the forward can gain.
 
     python scripts/benchmark_reference.py [--repeats 3] [--threads 2] [--quick]
 
@@ -173,6 +174,22 @@ def forward_gflop(shape) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def forward_convolution_seconds(shape) -> float:
+    """Seconds the convolutions (PyTorch's convolution kernels, self time) take in one profiled forward of ours."""
+    from torch.profiler import profile
+
+    net = four_step_network(3).eval()
+    for p in net.parameters():
+        p.data.normal_(0, 0.01)
+    a = torch.rand((1, 1, *shape))
+    with torch.no_grad():
+        net(a, a)
+        with profile() as prof:
+            net(a, a)
+    kernels = ("aten::_convolution", "aten::mkldnn_convolution", "aten::slow_conv3d_forward", "aten::slow_conv_transpose3d")
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in kernels) / 1e6
+
+
 def main() -> None:
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         # Fixed mmap threshold: freed tensors go back to the OS, so resident-set growth tracks live memory.
@@ -200,6 +217,8 @@ def main() -> None:
     print(f"knee_4step_forward_flop_floor_ratio: ours={forward_seconds:.4f} reference={floor:.4f} ratio={forward_seconds / floor:.3f}")
     print()
     print(f"forward {gflop:.1f} GFLOP, float32 GEMM {rate:.1f} GFLOP/s -> floor {floor:.3f} s; load average {os.getloadavg()}")
+    conv = forward_convolution_seconds(net_shape)
+    print(f"the forward's convolutions alone (profiled, ours): {conv:.3f} s = {conv / floor:.2f}x the floor, {gflop / conv:.0f} GFLOP/s")
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats} after a warm-up")
     print(f"{'figure':<40} {'ours s':>9} {'ref s':>9} {'time ratio':>10} {'ours MiB':>9} {'ref MiB':>9} {'mem ratio':>9}")
     for name, t_o, t_r, m_o, m_r in rows:

@@ -5,8 +5,8 @@
 #      round trips, jsonschema for the offline bundle metadata check, nilearn: its wheel carries the
 #      MNI152 volume of the real-image benchmark), and the authors' icon-registration 1.1.9 and
 #      unigradicon 1.0.6 as the parity oracles (--no-deps: their torchvision requirement is not needed).
-#      The native interpolation kernel (monai_gradicon/maps/trilinear.cpp) is built before the tests
-#      (gcc and ninja) into ./.torch_extensions, where the tests' own processes find it.
+#      The native CPU kernels (monai_gradicon/maps/native.cpp, trilinear.cpp, upsample.cpp) are built before the tests
+#      (gcc and ninja) into ./.torch_extensions, where the tests' own processes find them.
 #   2. ./.venv-deploy: the MONAI Deploy App SDK on top of ./.venv, kept apart because the SDK installs
 #      into the `monai` package itself; the tests marked deploy_sdk run there.
 # Both runs fail on a missing optional dependency (MONAI_GRADICON_REQUIRE_*) and on any skipped test
@@ -19,10 +19,10 @@ $PY -m venv .venv
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e ".[test]"
 .venv/bin/pip install -q --no-deps "icon-registration==1.1.9" "unigradicon==1.0.6" footsteps
-# build the native interpolation kernel once, before the tests start processes of their own (fails here if it can't);
+# build the native kernels once, before the tests start processes of their own (fails here if it can't);
 # in a folder of this checkout, so that CI builds it from scratch rather than finding another checkout's build
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}
-.venv/bin/python -c "from monai_gradicon.maps import native; assert native.native_trilinear_available(), native._failure"
+.venv/bin/python -c "from monai_gradicon.maps import native; assert native.native_available(), native._failure"
 MONAI_GRADICON_REQUIRE_ITK=1 MONAI_GRADICON_REQUIRE_REFERENCE=1 MONAI_GRADICON_FORBID_SKIPS=1 \
   .venv/bin/python -m pytest -q -p no:cacheprovider -m "not deploy_sdk" tests
 

@@ -19,7 +19,7 @@ from monai_gradicon.maps import native
 
 @pytest.fixture(autouse=True)
 def _native_kernel():
-    if not native.native_trilinear_available():
+    if not native.native_available():
         pytest.skip(f"the native trilinear kernel could not be built here: {native._failure}")
 
 

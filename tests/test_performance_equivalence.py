@@ -4,8 +4,8 @@ Levers: BatchNorm folded into the transposed convolutions in eval mode, the chan
 format, activation checkpointing per sub-network (BatchNorm running statistics updated once), mixed
 precision inside the sub-networks only, the DDF route of the GradICON loss without a [0, 1] copy, the
 full-size resample through the dense network-grid map, interpolation split across CPU threads, and the
-Gaussian blur of LNCC as banded matrix products. The native trilinear kernel has its own file,
-``tests/test_native_trilinear.py``.
+Gaussian blur of LNCC as banded matrix products. The native kernels have their own files,
+``tests/test_native_trilinear.py`` and ``tests/test_native_upsample.py``.
 """
 
 from __future__ import annotations
@@ -67,14 +67,27 @@ def _assert_grads_close(expected: dict, actual: dict, rtol: float) -> None:
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_batch_norm_folding_equals_eager_eval(spatial_dims):
-    net = _unet(spatial_dims, channels_last=False).eval()
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_norm_folding_equals_eager_eval(spatial_dims, channels_last, monkeypatch):
+    """Inference (folded BatchNorm; in 3D channels-last on CPU each decoder join one native pass) equals
+    the U-Net written out in PyTorch operations; without the native kernels too."""
+    from monai_gradicon.maps import native
+
+    joins = []
+    kernel = native.upsample_add_concat
+    monkeypatch.setattr(native, "upsample_add_concat", lambda *t: joins.append(1) or kernel(*t))
+    net = _unet(spatial_dims, channels_last=channels_last).eval()
     a, b = _pair(spatial_dims)
     with torch.no_grad():
         folded = net(a, b)  # eval mode, no gradients: the folded path
         expected = _eager_eval(net, torch.cat([a, b], 1))
+        assert len(joins) == (net.num_layers if spatial_dims == 3 and channels_last else 0)
+        monkeypatch.setenv("MONAI_GRADICON_NATIVE", "0")
+        without_native = net(a, b)
     assert folded.abs().max() > 1e-3  # a real displacement, not the zero identity
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(without_native, expected, rtol=1e-5, atol=1e-6)
+    assert len(joins) == (net.num_layers if spatial_dims == 3 and channels_last else 0)
 
 
 def _eager_eval(net: GradICONUNet, x: torch.Tensor) -> torch.Tensor:

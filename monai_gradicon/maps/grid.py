@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .native import native_trilinear_available, trilinear
+from .native import native_available, trilinear
 
 __all__ = ["identity_grid", "sample", "grid_sample", "ddf_to_map", "map_to_ddf", "warp"]
 
@@ -129,7 +129,7 @@ def _native_case(field: torch.Tensor, coords: torch.Tensor, mode: str, padding_m
         and field.device.type == "cpu"
         and coords.device.type == "cpu"
         and (field.shape[0] == coords.shape[0] or 1 in (field.shape[0], coords.shape[0]))
-    ) and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()) and native_trilinear_available()
+    ) and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()) and native_available()
 
 
 def grid_sample(field: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border") -> torch.Tensor:

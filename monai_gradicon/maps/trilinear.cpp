@@ -1,7 +1,7 @@
 // Trilinear interpolation of a 3D field at points given in [0, 1] coordinates, border padding
 // (align_corners=True), with its gradients: the hot path of maps/grid.py:sample on CPU.
 //
-// Compiled on first use by monai_gradicon/maps/native.py (torch.utils.cpp_extension).
+// Compiled on first use by monai_gradicon/maps/native.py (torch.utils.cpp_extension); bound in native.cpp.
 // Arithmetic per point, with x_k = clamp(((2 c_k - 1) + 1) / 2 * (N_k - 1), 0, N_k - 1), i_k = floor(x_k), f_k = x_k - i_k:
 //   value        = sum over the 8 corners of w_zyx * v_zyx, w = (1-f or f) per axis, in corner order
 //                  (the same weights and order as torch.nn.functional.grid_sample's CPU kernel);
@@ -264,9 +264,4 @@ std::vector<torch::Tensor> trilinear_backward(const torch::Tensor& grad_out, con
     }
   });
   return {grad_field, grad_coords};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &trilinear_forward, "trilinear interpolation at [0, 1] coordinates, border padding");
-  m.def("backward", &trilinear_backward, "gradients of trilinear_forward with respect to the field and the coordinates");
 }

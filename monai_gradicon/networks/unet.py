@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..maps import native
 from ..validation import check_spatial_dims
 
 __all__ = ["GradICONUNet"]
@@ -117,7 +118,9 @@ class GradICONUNet(nn.Module):
     In inference (eval mode, no gradients recorded) each BatchNorm is folded into the transposed convolution before it (and the final
     ``/ 10`` into the last convolution): ``BN(ConvT(a) + up(b)) = ConvT'(a) + up(s·b)`` with
     ``s = γ / sqrt(σ² + ε)``, ``ConvT'`` the convolution with weights scaled by ``s`` and bias
-    ``s·(bias − μ) + β``. One full-size pass fewer per decoder level; same values to float rounding.
+    ``s·(bias − μ) + β``. One full-size pass fewer per decoder level; same values to float rounding. On
+    a CPU in 3D the upsampling, addition and concatenation of each level then run as one native pass
+    (:func:`~monai_gradicon.maps.native.upsample_add_concat`).
     """
 
     def __init__(
@@ -181,10 +184,7 @@ class GradICONUNet(nn.Module):
             x = y
         fold = not self.training and not torch.is_grad_enabled()  # inference: no weight gradients to keep
         for depth in reversed(range(self.num_layers)):
-            x = self._up(depth, x, fold)
-            skip = skips[depth]
-            x = x[(slice(None), slice(None)) + tuple(slice(0, n) for n in skip.shape[2:])]
-            x = self._layout(torch.cat([x, skip], dim=1))  # the cropped part would leave the layout
+            x = self._decode(depth, x, skips[depth], fold)
         if fold:
             out = self._conv(x, self.last_conv.weight / 10, self.last_conv.bias / 10, padding=1)
         else:
@@ -194,16 +194,22 @@ class GradICONUNet(nn.Module):
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=_channels_last_format(self.spatial_dims)) if self.channels_last else x
 
-    def _up(self, depth: int, x: torch.Tensor, fold: bool) -> torch.Tensor:
-        """``BN(ConvT(leaky_relu(x)) + upsample(x))`` of decoder level ``depth``, BN folded when ``fold``."""
+    def _decode(self, depth: int, x: torch.Tensor, skip: torch.Tensor, fold: bool) -> torch.Tensor:
+        """Decoder level ``depth``: ``cat([crop(BN(ConvT(leaky_relu(x)) + upsample(x))), skip])``, BN folded when ``fold``.
+
+        Folded on a CPU in 3D channels-last, the upsampling, addition, crop and concatenation are one pass
+        of :func:`~monai_gradicon.maps.native.upsample_add_concat` (three full-size passes otherwise).
+        """
         conv, norm = self.up_convs[depth], self.batch_norms[depth]
         residual = self._layout(_match_channels(x, conv.out_channels))  # a dense copy upsamples fast
         if not fold or norm.running_mean is None:
             y = conv(F.leaky_relu(x))
             y += F.interpolate(residual, scale_factor=2, mode=self._upsample_mode, align_corners=False)
             if self.channels_last and norm.affine and y.device.type == "cpu" and not torch.jit.is_tracing():
-                return _BatchNormFunction.apply(y, norm.weight, norm.bias, norm)
-            return norm(y)
+                y = _BatchNormFunction.apply(y, norm.weight, norm.bias, norm)
+            else:
+                y = norm(y)
+            return self._concat(y, skip)
         scale = torch.rsqrt(norm.running_var + norm.eps)
         if norm.weight is not None:
             scale = scale * norm.weight
@@ -213,5 +219,24 @@ class GradICONUNet(nn.Module):
         bias = shift if conv.bias is None else conv.bias * scale + shift
         per_channel = scale.reshape(1, -1, *([1] * self.spatial_dims))  # ConvT weights are (in, out, *k)
         y = self._conv_t(F.leaky_relu(x), conv.weight * per_channel, bias, stride=2, padding=1)
-        y += F.interpolate(residual * per_channel, scale_factor=2, mode=self._upsample_mode, align_corners=False)
-        return y
+        coarse = residual * per_channel
+        if self._native_join(y):
+            return native.upsample_add_concat(self._layout(y), self._layout(coarse), self._layout(skip))
+        y += F.interpolate(coarse, scale_factor=2, mode=self._upsample_mode, align_corners=False)
+        return self._concat(y, skip)
+
+    def _concat(self, y: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """``cat([y cropped to skip's grid, skip])`` in this network's layout (the cropped part would leave it)."""
+        y = y[(slice(None), slice(None)) + tuple(slice(0, n) for n in skip.shape[2:])]
+        return self._layout(torch.cat([y, skip], dim=1))
+
+    def _native_join(self, y: torch.Tensor) -> bool:
+        """Whether the folded decoder join runs natively: 3D, channels-last, float, CPU, eager, kernels built."""
+        return (
+            self.spatial_dims == 3
+            and self.channels_last
+            and y.device.type == "cpu"
+            and y.dtype in (torch.float32, torch.float64)
+            and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
+            and native.native_available()
+        )
