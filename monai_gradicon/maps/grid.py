@@ -116,8 +116,9 @@ def sample(
 
 
 def _native_case(field: torch.Tensor, coords: torch.Tensor, mode: str, padding_mode: str) -> bool:
-    """Whether ``sample`` runs the native kernel (:mod:`.native`): linear, border, 3D, float, CPU, and neither a
-    trace nor ``torch.compile`` (which record ``grid_sample``, an operator they know)."""
+    """Whether ``sample`` runs the native kernel (:mod:`.native`): linear, border, 3D, float, CPU, and
+    :func:`~.native.native_available` (built, and neither a trace nor ``torch.compile``: they record
+    ``grid_sample``)."""
     return (
         mode == "bilinear"
         and padding_mode == "border"
@@ -129,7 +130,7 @@ def _native_case(field: torch.Tensor, coords: torch.Tensor, mode: str, padding_m
         and field.device.type == "cpu"
         and coords.device.type == "cpu"
         and (field.shape[0] == coords.shape[0] or 1 in (field.shape[0], coords.shape[0]))
-    ) and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()) and native_available()
+    ) and native_available()
 
 
 def grid_sample(field: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border") -> torch.Tensor:

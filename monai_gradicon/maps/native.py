@@ -59,13 +59,17 @@ def _load():
 
 
 def native_available() -> bool:
-    """Whether the native kernels run in this process (building them on the first call).
+    """Whether the native kernels run here and now (building them on the first call).
 
-    ``False`` with ``MONAI_GRADICON_NATIVE=0`` or when the extension cannot be built.
+    ``False`` with ``MONAI_GRADICON_NATIVE=0``, when the extension cannot be built, and while a trace,
+    TorchScript or ``torch.compile`` records the computation (they record PyTorch's own operators, which
+    they know, instead of a kernel they cannot see into).
 
     Returns:
-        ``True`` if the compiled kernels are loaded.
+        ``True`` if the compiled kernels are loaded and the caller runs eagerly.
     """
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return False
     if os.environ.get("MONAI_GRADICON_NATIVE", "1") == "0":
         return False
     return _load() is not None

@@ -231,12 +231,12 @@ class GradICONUNet(nn.Module):
         return self._layout(torch.cat([y, skip], dim=1))
 
     def _native_join(self, y: torch.Tensor) -> bool:
-        """Whether the folded decoder join runs natively: 3D, channels-last, float, CPU, eager, kernels built."""
+        """Whether the folded decoder join runs natively: 3D, channels-last, float, CPU, and
+        :func:`~monai_gradicon.maps.native.native_available` (built, eager)."""
         return (
             self.spatial_dims == 3
             and self.channels_last
             and y.device.type == "cpu"
             and y.dtype in (torch.float32, torch.float64)
-            and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
             and native.native_available()
         )
